@@ -1,0 +1,18 @@
+"""The exceptions curate raises on purpose.
+
+A :class:`CurateError` is the "one clear sentence" a command stops with when nothing sensible
+can continue; the CLI prints it without a traceback and exits 1. Problems with a single sample
+are not exceptions: the sample is dropped with a reason (see ``curate.manifest.Reason``).
+"""
+
+
+class CurateError(Exception):
+    """A user-facing failure: the message names the file and what was expected."""
+
+
+class ManifestError(CurateError):
+    """A manifest that cannot be read, fails its schema, or does not match its id."""
+
+
+class UnsafePathError(CurateError):
+    """A path inside a manifest or an annotation file that would escape its root."""

@@ -1,0 +1,324 @@
+"""Stages and the runner that executes them: caching, executors, per-sample randomness.
+
+A stage is a small object with a ``name``, a ``version``, a ``Params`` dataclass and
+``run(inputs, params, ctx) -> Manifest``. Work on single samples is a pure module-level function
+``fn(row, env) -> update`` that :meth:`Context.map` runs inline or on a process pool; results
+come back in input order and all randomness comes from ``env.rng(row)``, seeded by (seed, stage,
+sample id), so the output never depends on ``--jobs`` or on scheduling.
+
+An *update* is a dict: column name -> new value, plus the merge keys ``artifacts`` and
+``measures`` (dicts merged into the row's), ``flags`` (a list of notes appended) and ``drop``
+(a list of ``(code, detail)`` pairs: the sample is dropped with those reasons). A per-sample
+function that raises does not stop the stage: that sample is dropped with the error as reason.
+
+The runner caches: the output of (input ids, stage name and version, parameters, seed if the
+stage uses one) is looked up in the workspace before running, so rerunning a build redoes only
+what changed.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from curate.canonical import content_hash
+from curate.errors import CurateError, UnsafePathError
+from curate.files import safe_join
+from curate.imageio import BadImage
+from curate.manifest import COLUMNS, KEPT, Manifest, drop, note
+from curate.store import Store
+from curate.workspace import Workspace
+
+Update = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- per-sample side
+@dataclass(frozen=True)
+class SampleEnv:
+    """Everything a per-sample function may use besides its row. Picklable and small."""
+
+    stage: str
+    params: Any
+    roots: dict[str, str]
+    store_root: str
+    seed: int | None = None
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.store_root)
+
+    def source_path(self, row: dict[str, Any], rel: str | None = None) -> Path:
+        """Absolute path of the row's image (or of ``rel`` in the row's source)."""
+        root = self.roots.get(row["source"])
+        if root is None:
+            raise CurateError(f"no folder is known for source {row['source']!r}")
+        return safe_join(root, rel if rel is not None else row["path"],
+                         what=f"path in source {row['source']!r}")
+
+    def read_source(self, row: dict[str, Any], rel: str | None = None) -> bytes:
+        with open(self.source_path(row, rel), "rb") as fh:
+            return fh.read()
+
+    def rng(self, row: dict[str, Any]) -> np.random.Generator:
+        """The sample's own random generator: depends only on (seed, stage, sample id)."""
+        digest = hashlib.sha256(f"{self.seed}\x00{self.stage}\x00{row['sample_id']}".encode())
+        return np.random.default_rng(int.from_bytes(digest.digest()[:16], "little"))
+
+
+def _error_update(exc: BaseException, path: str) -> Update:
+    if isinstance(exc, BadImage):
+        code = "unreadable_image"
+    elif isinstance(exc, UnsafePathError):
+        code = "unsafe_path"
+    elif isinstance(exc, FileNotFoundError):
+        code = "missing_file"
+    else:
+        code = "error"
+    detail = str(exc) if isinstance(exc, (CurateError, BadImage, OSError)) else \
+        f"{type(exc).__name__}: {exc}"
+    return {"drop": [(code, f"{path}: {detail}")]}
+
+
+def _run_chunk(fn: Callable[[dict, SampleEnv], Update], rows: list[dict],
+               env: SampleEnv) -> list[Update]:
+    out = []
+    for row in rows:
+        try:
+            out.append(fn(row, env) or {})
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the stage
+            out.append(_error_update(exc, row.get("path", "?")))
+    return out
+
+
+def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, Any]:
+    """Return a copy of ``row`` with ``update`` applied (see the module docstring)."""
+    row = dict(row)
+    for key, value in update.items():
+        if key == "artifacts":
+            row["artifacts"] = {**row["artifacts"], **value}
+        elif key == "measures":
+            row["measures"] = {**row["measures"], **value}
+        elif key == "flags":
+            row["flags"] = [*row["flags"], *(note(stage, c, d) for c, d in value)]
+        elif key == "drop":
+            for code, detail in value:
+                drop(row, stage, code, detail)
+        elif key in COLUMNS and key not in ("sample_id", "source", "path", "status", "reasons"):
+            row[key] = value
+        else:
+            raise ValueError(f"stage {stage!r} returned an update for {key!r}, "
+                             "which a stage may not set")
+    return row
+
+
+# --------------------------------------------------------------------------- context
+class Context:
+    """How stages run: workspace, seed, number of worker processes, progress display."""
+
+    def __init__(self, workspace: Workspace, *, jobs: int = 1, seed: int = 0,
+                 progress: bool | None = None, console: Console | None = None):
+        if jobs < 1:
+            raise CurateError(f"--jobs must be at least 1, got {jobs}")
+        self.workspace = workspace
+        self.jobs = jobs
+        self.seed = seed
+        self.console = console or Console(stderr=True)
+        self.progress = self.console.is_terminal if progress is None else progress
+        self._pool: Executor | None = None
+
+    # The pool is created on first use and shared by every stage of one command.
+    def _executor(self) -> Executor:
+        if self._pool is None:
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            self._pool = ProcessPoolExecutor(self.jobs,
+                                             mp_context=multiprocessing.get_context(method))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def env(self, stage: str, params: Any, roots: dict[str, str], *, seed: bool = False
+            ) -> SampleEnv:
+        return SampleEnv(stage=stage, params=params, roots=dict(roots),
+                         store_root=str(self.workspace.store.root),
+                         seed=self.seed if seed else None)
+
+    def map(self, fn: Callable[[dict, SampleEnv], Update], rows: Sequence[dict],
+            env: SampleEnv, desc: str) -> list[Update]:
+        """``[fn(row, env) for row in rows]``, inline or on the pool, in order, with progress."""
+        rows = list(rows)
+        if not rows:
+            return []
+        with self._progress_bar() as bar:
+            task = bar.add_task(desc, total=len(rows))
+            if self.jobs == 1 or len(rows) < 2 * self.jobs:
+                results = []
+                for start in range(0, len(rows), 64):
+                    results.extend(_run_chunk(fn, rows[start:start + 64], env))
+                    bar.update(task, completed=len(results))
+                return results
+            size = max(1, min(256, math.ceil(len(rows) / (self.jobs * 8))))
+            pool = self._executor()
+            futures = [pool.submit(_run_chunk, fn, rows[i:i + size], env)
+                       for i in range(0, len(rows), size)]
+            results = []
+            for fut in futures:
+                results.extend(fut.result())
+                bar.update(task, completed=len(results))
+            return results
+
+    def _progress_bar(self) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=self.console, transient=True,
+                        disable=not self.progress)
+
+
+# --------------------------------------------------------------------------- stages
+class Stage(abc.ABC):
+    """Base class of a stage. Subclasses set the class attributes and implement ``run``."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    Params: ClassVar[type]
+    uses_seed: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def run(self, inputs: list[Manifest], params: Any, ctx: Context) -> Manifest:
+        """Compute the output manifest from ``inputs`` (the runner saves and caches it)."""
+
+    def output(self, parent: Manifest, rows: list[dict[str, Any]], params: Any,
+               ctx: Context) -> Manifest:
+        """The child of ``parent`` with ``rows``, stamped with this stage and its parameters."""
+        return parent.derive(rows, stage=self.name, stage_version=self.version,
+                             params=params_dict(params),
+                             seed=ctx.seed if self.uses_seed else None)
+
+    def cache_key(self, inputs: list[Manifest], params: Any, ctx: Context) -> str | None:
+        """Key of this stage's output in the cache; None means "always run"."""
+        return content_hash({
+            "inputs": [m.id for m in inputs],
+            "stage": self.name,
+            "version": self.version,
+            "params": params_dict(params),
+            "seed": ctx.seed if self.uses_seed else None,
+        })
+
+    def roots(self, inputs: list[Manifest], params: Any) -> dict[str, str]:
+        """Source folders of the output: by default, those of the inputs."""
+        merged: dict[str, str] = {}
+        for m in inputs:
+            merged.update(m.roots)
+        return merged
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})
+
+
+def make_params(stage: type[Stage] | Stage, values: dict[str, Any]) -> Any:
+    """Build ``stage.Params`` from a dict, with a clear error for unknown or bad fields."""
+    known = {f.name for f in dataclasses.fields(stage.Params)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CurateError(f"stage {stage.name!r} has no parameter(s) {', '.join(unknown)}; "
+                          f"its parameters are: {', '.join(sorted(known)) or 'none'}")
+    try:
+        return stage.Params(**values)
+    except (TypeError, ValueError) as exc:
+        raise CurateError(f"bad parameters for stage {stage.name!r}: {exc}") from exc
+
+
+def map_samples(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
+                fn: Callable[[dict, SampleEnv], Update], *, desc: str | None = None
+                ) -> list[dict[str, Any]]:
+    """Rows of ``manifest`` with ``fn`` applied to every kept row (dropped rows pass through)."""
+    rows = manifest.row_list()
+    kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
+    env = ctx.env(stage.name, params, manifest.roots, seed=stage.uses_seed)
+    updates = ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name)
+    for i, update in zip(kept_idx, updates, strict=True):
+        rows[i] = apply_update(rows[i], update, stage.name)
+    return rows
+
+
+@dataclass
+class StageResult:
+    stage: str
+    manifest: Manifest
+    from_cache: bool
+    elapsed_s: float
+    dropped: dict[str, int] = field(default_factory=dict)  # by this stage, by reason code
+    flagged: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        counts = self.manifest.header["counts"]
+        return {
+            "stage": self.stage,
+            "manifest": self.manifest.id,
+            "from_cache": self.from_cache,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "samples": counts["samples"],
+            "kept": counts["kept"],
+            "dropped": counts["dropped"],
+            "dropped_here": self.dropped,
+            "flagged_here": self.flagged,
+        }
+
+
+def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context) -> StageResult:
+    """Run ``stage`` (or take its output from the cache), save the output, make it HEAD."""
+    ws = ctx.workspace
+    start = time.perf_counter()
+    key = stage.cache_key(inputs, params, ctx)
+    cached_id = ws.cache_lookup(key) if key else None
+    if cached_id is not None:
+        manifest = ws.load(cached_id)
+        manifest.roots = stage.roots(inputs, params)
+        from_cache = True
+    else:
+        manifest = stage.run(inputs, params, ctx)
+        from_cache = False
+    elapsed = time.perf_counter() - start
+    ws.save(manifest, elapsed_s=elapsed, jobs=ctx.jobs, from_cache=from_cache)
+    if key and not from_cache:
+        ws.cache_store(key, manifest.id)
+    dropped, flagged = _notes_by(stage.name, manifest.rows())
+    return StageResult(stage.name, manifest, from_cache, elapsed, dropped, flagged)
+
+
+def _notes_by(stage: str, rows: Iterable[dict]) -> tuple[dict[str, int], dict[str, int]]:
+    dropped: Counter[str] = Counter()
+    flagged: Counter[str] = Counter()
+    for row in rows:
+        dropped.update({n["code"] for n in row["reasons"] if n["stage"] == stage})
+        flagged.update({n["code"] for n in row["flags"] if n["stage"] == stage})
+    return dict(sorted(dropped.items())), dict(sorted(flagged.items()))
+
+
+def default_jobs() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))

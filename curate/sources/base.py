@@ -1,0 +1,129 @@
+"""What every source reader shares: the scan result, the inventory, pairing by name.
+
+A reader looks at a source folder *as distributed* and returns a :class:`Scan`: one candidate
+row per sample image (category, label, annotation as read; possibly already dropped with a
+reason) and an :class:`Inventory` that accounts for every other file under the root. Readers
+do not open images: the ingest stage hashes and probes every candidate afterwards, in parallel.
+
+Conventions all readers follow:
+- pair images with masks/annotations by name, never by sorted position;
+- compare extensions case-insensitively (``.JPG`` is a JPEG);
+- every file under the root is a sample image, a mask/annotation file of one, or listed in the
+  inventory as unpaired or ignored, with why;
+- a layout that cannot be recognised at all stops the command with one sentence saying what
+  was expected; anything smaller drops one sample with a reason.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+
+from curate.errors import CurateError
+from curate.files import walk_files
+from curate.imageio import is_image_name
+
+GOOD = "good"
+COMBINED = "combined"  # MVTec AD's name for an image with several defect types
+
+
+@dataclass
+class Inventory:
+    """Every file under a source root that is not a sample image, with why."""
+
+    files: int = 0
+    annotation_files: list[str] = field(default_factory=list)
+    unpaired: list[dict[str, str]] = field(default_factory=list)
+    ignored: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def unpair(self, path: str, why: str) -> None:
+        self.unpaired.append({"path": path, "why": why})
+
+    def ignore(self, path: str, why: str) -> None:
+        self.ignored.append({"path": path, "why": why})
+
+    def reject(self, path: str, why: str) -> None:
+        """An annotation *entry* (a CSV line, a COCO image record) that cannot be used."""
+        self.rejected.append({"path": path, "why": why})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "annotation_files": sorted(set(self.annotation_files)),
+            "unpaired": sorted(self.unpaired, key=lambda d: (d["path"], d["why"])),
+            "ignored": sorted(self.ignored, key=lambda d: (d["path"], d["why"])),
+            "rejected": sorted(self.rejected, key=lambda d: (d["path"], d["why"])),
+        }
+
+
+@dataclass
+class Scan:
+    rows: list[dict[str, Any]]
+    inventory: Inventory
+
+
+class Reader(abc.ABC):
+    """A source reader. Subclasses set the class attributes and implement :meth:`scan`."""
+
+    kind: ClassVar[str]
+    #: Category given to the source's samples unless the ``category`` option overrides it.
+    category: ClassVar[str]
+    #: One sentence describing the expected layout, used in errors.
+    layout: ClassVar[str]
+    #: Option name -> default value; anything else is refused.
+    options: ClassVar[dict[str, Any]] = {}
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"category": self.category, **self.options}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise CurateError(f"the {self.kind} reader has no option(s) {', '.join(unknown)}; "
+                              f"its options are: {', '.join(sorted(allowed))}")
+        return {**allowed, **options}
+
+    @abc.abstractmethod
+    def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
+        """Read the layout under ``root``; ``options`` has every option filled in."""
+
+    def files(self, root: Path) -> list[str]:
+        """All files under ``root``; stops with one sentence if there are none."""
+        if not root.is_dir():
+            raise CurateError(f"{root}: not a folder; expected a {self.kind} source folder "
+                              f"({self.layout})")
+        files = list(walk_files(root))
+        if not files:
+            raise CurateError(f"{root}: the folder is empty; expected {self.layout}")
+        return files
+
+    def unrecognised(self, root: Path) -> CurateError:
+        return CurateError(f"{root}: no {self.kind} layout found; expected {self.layout}")
+
+
+def stem_and_ext(rel: str) -> tuple[str, str]:
+    """``('a/b/name', '.jpg')`` for ``'a/b/name.JPG'``: the path without its extension, and the
+    extension lower-cased."""
+    p = PurePosixPath(rel)
+    return str(p.with_suffix("")), p.suffix.lower()
+
+
+def is_image(rel: str) -> bool:
+    return is_image_name(rel)
+
+
+def ignore_rest(inventory: Inventory, files: Iterable[str], used: set[str], why: str) -> None:
+    """Put every file of ``files`` not in ``used`` into the inventory as ignored."""
+    for rel in files:
+        if rel not in used:
+            inventory.ignore(rel, why)
+
+
+def label_for(classes: list[str]) -> str:
+    """The sample label for a list of defect classes: good, the class, or 'combined'."""
+    distinct = sorted(set(classes))
+    if not distinct:
+        return GOOD
+    return distinct[0] if len(distinct) == 1 else COMBINED

@@ -1,0 +1,117 @@
+"""ingest: a source folder -> the first manifest of a chain.
+
+The reader (``curate.sources``) pairs files by name and builds candidate rows; this stage then
+reads every candidate image once, in parallel: sha256 of the original bytes, format, size and
+channels from the header, and a completeness check (see ``curate.imageio.probe``). Pixels are
+not decoded here. Where a source defines the label by its mask (KolektorSDD, KolektorSDD2),
+the reader leaves the label empty and this stage reads the mask to decide good / defect.
+
+Originals are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curate.canonical import content_hash
+from curate.errors import CurateError
+from curate.files import sha256_bytes, walk_files
+from curate.imageio import BadImage, binarize, decode, probe
+from curate.manifest import Manifest
+from curate.runner import Context, SampleEnv, Stage, Update, apply_update
+from curate.sources import get_reader
+from curate.sources.base import GOOD
+
+#: The defect label of sources whose masks alone say a sample is defective.
+DEFECT = "defect"
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    kind: str
+    source: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def probe_sample(row: dict[str, Any], env: SampleEnv) -> Update:
+    """Hash and probe one candidate image (and its mask file, if it has one)."""
+    data = env.read_source(row)
+    update: Update = {"sha256": sha256_bytes(data)}
+    try:
+        info = probe(data)
+    except BadImage as exc:
+        update["drop"] = [("unreadable_image",
+                           f"{row['path']}: {exc}; expected a complete JPEG, PNG, BMP or TIFF")]
+        return update
+    update.update(format=info.format, width=info.width, height=info.height,
+                  channels=info.channels)
+    mask_rel = row["annotation"].get("mask")
+    if mask_rel is not None:
+        mask_bytes = env.read_source(row, mask_rel)
+        update["annotation"] = {**row["annotation"], "mask_sha256": sha256_bytes(mask_bytes)}
+        if row["label"] is None:
+            try:
+                mask, _ = binarize(decode(mask_bytes))
+            except (BadImage, ValueError) as exc:
+                update["drop"] = [("unreadable_mask", f"{mask_rel}: {exc}; expected an 8-bit "
+                                   "mask image")]
+                return update
+            defective = bool(mask.any())
+            update["label"] = DEFECT if defective else GOOD
+            update["defect_classes"] = [DEFECT] if defective else []
+    return update
+
+
+def source_fingerprint(root: Path) -> str:
+    """Hash of every file's path, size and modification time: cheap change detection."""
+    entries = []
+    for rel in walk_files(root):
+        st = os.stat(root / rel)
+        entries.append([rel, st.st_size, st.st_mtime_ns])
+    return content_hash(entries)
+
+
+class Ingest(Stage):
+    name = "ingest"
+    version = "1"
+    Params = IngestParams
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+
+    def _source(self, params: IngestParams) -> str:
+        return params.source or params.kind
+
+    def cache_key(self, inputs, params: IngestParams, ctx: Context) -> str | None:
+        if not self.root.is_dir():
+            return None  # let run() say what is wrong
+        return content_hash({
+            "stage": self.name, "version": self.version, "kind": params.kind,
+            "source": self._source(params), "options": params.options,
+            "root": str(self.root), "files": source_fingerprint(self.root),
+        })
+
+    def roots(self, inputs, params: IngestParams) -> dict[str, str]:
+        return {self._source(params): str(self.root)}
+
+    def run(self, inputs: list[Manifest], params: IngestParams, ctx: Context) -> Manifest:
+        if inputs:
+            raise CurateError("ingest reads a source folder, not a manifest")
+        reader = get_reader(params.kind)
+        source = self._source(params)
+        options = reader.check_options(dict(params.options))
+        scan = reader.scan(self.root, source, options)
+        # Rows the reader already dropped are probed too: their provenance is recorded all the same.
+        env = ctx.env(self.name, params, self.roots(inputs, params))
+        updates = ctx.map(probe_sample, scan.rows, env, f"ingest {source}")
+        rows = [apply_update(r, u, self.name) for r, u in zip(scan.rows, updates, strict=True)]
+        return Manifest.build(
+            rows, stage=self.name, stage_version=self.version,
+            params={"kind": params.kind, "source": source, "options": options},
+            sources={source: {"kind": params.kind, "options": options}},
+            inventory={source: scan.inventory.to_dict()},
+            roots=self.roots(inputs, params),
+        )

@@ -1,0 +1,125 @@
+"""labels: every annotation as the source gave it -> one binary pixel mask per sample.
+
+Mask files (anti-aliased or not) are binarised with a recorded threshold; Severstal RLE strings,
+boxes (VOC / YOLO / COCO, already in pixel coordinates in the row) and polygons are rasterised
+with the pixel-centre rule of ``curate.masks``. The union goes to the store as artifact
+``mask``; where a sample has several defect classes, each class also gets ``mask:<class>``.
+
+Measured per sample (``measures``): ``labels.mask_fraction`` (defect pixels / all pixels) and,
+for mask files, ``labels.threshold`` and ``labels.grey_pixels`` (pixels neither 0 nor full
+value: > 0 means the mask was anti-aliased). A mask whose size differs from its image's, a
+malformed RLE, an RLE running past the image, and a box or polygon outside the image each drop
+the sample with their own reason code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from curate.imageio import BadImage, binarize, decode
+from curate.manifest import Manifest
+from curate.masks import (
+    AnnotationError,
+    box_mask,
+    check_box_inside,
+    check_polygon_inside,
+    polygon_mask,
+    rle_decode,
+)
+from curate.runner import Context, SampleEnv, Stage, Update, map_samples
+from curate.sources.base import GOOD
+
+
+@dataclass(frozen=True)
+class LabelsParams:
+    #: "auto" (127, or 0 for 0/1 masks) or an integer: foreground is value > threshold.
+    threshold: str | int = "auto"
+    #: Pixels a box or polygon may overshoot the image before it counts as outside.
+    tolerance: float = 1.0
+
+    def __post_init__(self):
+        if self.threshold != "auto" and not (isinstance(self.threshold, int)
+                                             and 0 <= self.threshold < 255):
+            raise ValueError(f"threshold must be 'auto' or an integer in 0..254, "
+                             f"got {self.threshold!r}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+
+
+def _mask_from_file(row: dict[str, Any], env: SampleEnv, height: int, width: int,
+                    update: Update) -> np.ndarray | None:
+    rel = row["annotation"]["mask"]
+    try:
+        raw = decode(env.read_source(row, rel))
+    except BadImage as exc:
+        update["drop"] = [("unreadable_mask", f"{rel}: {exc}; expected an 8-bit mask image")]
+        return None
+    if raw.shape[:2] != (height, width):
+        update["drop"] = [("mask_size_mismatch",
+                           f"mask {rel} is {raw.shape[1]}x{raw.shape[0]} but image "
+                           f"{row['path']} is {width}x{height}")]
+        return None
+    mask, threshold = binarize(raw, env.params.threshold)
+    grey = raw.max(axis=2) if raw.ndim == 3 else raw
+    full = 1 if int(grey.max(initial=0)) <= 1 else 255
+    update["measures"]["labels.threshold"] = threshold
+    update["measures"]["labels.grey_pixels"] = int(np.count_nonzero((grey > 0) & (grey < full)))
+    return mask
+
+
+def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
+    """Masks for one sample (see the module docstring)."""
+    ann = row["annotation"]
+    height, width = row["height"], row["width"]
+    update: Update = {"measures": {}}
+    by_class: dict[str, np.ndarray] = {}
+
+    def add(cls: str, mask: np.ndarray) -> None:
+        by_class[cls] = by_class[cls] | mask if cls in by_class else mask
+
+    if "mask" in ann:
+        mask = _mask_from_file(row, env, height, width, update)
+        if mask is None:
+            return update
+        classes = row["defect_classes"] or ["defect"]
+        add(classes[0] if len(classes) == 1 else "defect", mask)
+    tol = env.params.tolerance
+    where = ann.get("file", row["path"])
+    try:
+        for rle in ann.get("rle", []):
+            add(rle["class"], rle_decode(rle["counts"], height, width))
+        for b in ann.get("boxes", []):
+            check_box_inside(b["x0"], b["y0"], b["x1"], b["y1"], height, width, tol)
+            add(b["class"], box_mask(b["x0"], b["y0"], b["x1"], b["y1"], height, width))
+        for p in ann.get("polygons", []):
+            check_polygon_inside(p["points"], height, width, tol)
+            add(p["class"], polygon_mask(p["points"], height, width))
+    except AnnotationError as exc:
+        update["drop"] = [(exc.code, f"{where}: {exc}")]
+        return update
+
+    union = np.zeros((height, width), bool)
+    for mask in by_class.values():
+        union |= mask
+    update["measures"]["labels.mask_fraction"] = float(union.mean()) if union.size else 0.0
+    if by_class and (row["label"] != GOOD or union.any()):
+        artifacts = {"mask": env.store.put_mask(union)}
+        if len(by_class) > 1:
+            for cls, mask in sorted(by_class.items()):
+                artifacts[f"mask:{cls}"] = env.store.put_mask(mask)
+        update["artifacts"] = artifacts
+    return update
+
+
+class Labels(Stage):
+    name = "labels"
+    version = "1"
+    Params = LabelsParams
+
+    def run(self, inputs: list[Manifest], params: LabelsParams, ctx: Context) -> Manifest:
+        (manifest,) = inputs
+        return self.output(manifest, map_samples(self, manifest, params, ctx, rasterize_sample),
+                           params, ctx)

@@ -1,0 +1,1 @@
+"""Dataset recipes shipped with curate (YAML files validated by schemas/recipe.schema.json)."""

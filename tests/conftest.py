@@ -1,0 +1,50 @@
+"""Shared test fixtures: a fresh workspace, a runner context, helpers to run stages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from curate.runner import Context, run_stage
+from curate.stages.ingest import Ingest, IngestParams
+from curate.stages.labels import Labels, LabelsParams
+from curate.workspace import Workspace
+
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+
+#: The real magnetic-tile dataset, read in place (never copied into the repository).
+MTD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd"
+
+
+@pytest.fixture
+def mtd_root() -> Path:
+    if not (MTD_ROOT / "MT_Free").is_dir():
+        pytest.skip(f"the real MTD data is missing: expected it at {MTD_ROOT}")
+    return MTD_ROOT
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    return Workspace.open(tmp_path / "ws")
+
+
+@pytest.fixture
+def ctx(workspace):
+    with Context(workspace, jobs=1, progress=False) as c:
+        yield c
+
+
+def ingest(ctx: Context, kind: str, root: Path, source: str = "", **options):
+    """Run the ingest stage and return its manifest."""
+    params = IngestParams(kind=kind, source=source, options=options)
+    return run_stage(Ingest(root), [], params, ctx).manifest
+
+
+def labels(ctx: Context, manifest, **params):
+    return run_stage(Labels(), [manifest], LabelsParams(**params), ctx).manifest
+
+
+def by_path(manifest) -> dict[str, dict]:
+    return {r["path"]: r for r in manifest.rows()}
