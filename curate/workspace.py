@@ -87,7 +87,7 @@ class Workspace:
         if not path.exists():
             manifest.write(path)
         record_path = self.record_path(manifest.id)
-        now = datetime.now(UTC).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
         record = self._record(manifest.id) or {"id": manifest.id, "created_at": now}
         record.update({
             "stage": manifest.stage,

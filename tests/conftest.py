@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.runner import Context, run_stage
-from curate.stages.ingest import Ingest, IngestParams
-from curate.stages.labels import Labels, LabelsParams
+from curate.runner import Context
 from curate.workspace import Workspace
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -18,7 +16,7 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 MTD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mtd_root() -> Path:
     if not (MTD_ROOT / "MT_Free").is_dir():
         pytest.skip(f"the real MTD data is missing: expected it at {MTD_ROOT}")
@@ -34,17 +32,3 @@ def workspace(tmp_path) -> Workspace:
 def ctx(workspace):
     with Context(workspace, jobs=1, progress=False) as c:
         yield c
-
-
-def ingest(ctx: Context, kind: str, root: Path, source: str = "", **options):
-    """Run the ingest stage and return its manifest."""
-    params = IngestParams(kind=kind, source=source, options=options)
-    return run_stage(Ingest(root), [], params, ctx).manifest
-
-
-def labels(ctx: Context, manifest, **params):
-    return run_stage(Labels(), [manifest], LabelsParams(**params), ctx).manifest
-
-
-def by_path(manifest) -> dict[str, dict]:
-    return {r["path"]: r for r in manifest.rows()}

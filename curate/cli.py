@@ -1,0 +1,387 @@
+"""The ``curate`` command line: parse, call the library, show progress and results.
+
+Every command takes ``--workspace`` (default ``$CURATE_WORKSPACE`` or ``./curate-workspace``),
+``--seed``, ``--jobs`` and ``--json`` (machine-readable output on stdout). Exit status: 0 done,
+1 failed (one sentence on stderr saying what and where), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from curate import __version__
+from curate.errors import CurateError
+from curate.manifest import Manifest, diff
+from curate.runner import Context, StageResult, default_jobs, make_params, run_stage
+from curate.workspace import Workspace
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+class Failure(click.ClickException):
+    """A CurateError on its way out: printed as one line, exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        stderr.print(f"[bold red]error:[/] {self.message}", highlight=False)
+
+
+def common_options(fn: Callable) -> Callable:
+    """--workspace --seed --jobs --json on every command, and CurateError -> exit 1."""
+
+    @click.option("--workspace", "-w", type=click.Path(file_okay=False, path_type=Path),
+                  default=lambda: os.environ.get("CURATE_WORKSPACE", "curate-workspace"),
+                  show_default="$CURATE_WORKSPACE or ./curate-workspace",
+                  help="Folder holding manifests, artifact store and cache.")
+    @click.option("--seed", type=int, default=0, show_default=True,
+                  help="Seed for every random choice (same seed, same manifests).")
+    @click.option("--jobs", "-j", type=click.IntRange(min=1), default=default_jobs,
+                  show_default="number of CPUs, at most 8", help="Worker processes.")
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CurateError as exc:
+            raise Failure(str(exc)) from exc
+
+    return wrapper
+
+
+def _context(workspace: Path, seed: int, jobs: int, *, create: bool = True) -> Context:
+    return Context(Workspace.open(workspace, create=create), jobs=jobs, seed=seed,
+                   console=stderr)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _show_results(results: list[StageResult], as_json: bool) -> None:
+    if as_json:
+        _emit_json([r.summary() for r in results])
+        return
+    table = Table(title="stages", title_justify="left")
+    for col in ("stage", "manifest", "samples", "kept", "dropped here", "flagged here", "time"):
+        table.add_column(col)
+    for r in results:
+        s = r.summary()
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped_here"].items()) or "-"
+        flagged = ", ".join(f"{k} {v}" for k, v in s["flagged_here"].items()) or "-"
+        when = "cached" if s["from_cache"] else f"{s['elapsed_s']:.2f} s"
+        table.add_row(s["stage"], s["manifest"][:12], str(s["samples"]), str(s["kept"]),
+                      dropped, flagged, when)
+    stdout.print(table)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        options[key] = yaml.safe_load(value) if value else ""
+    return options
+
+
+# ------------------------------------------------------------------------------- commands
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="curate")
+def cli() -> None:
+    """Build, curate and benchmark industrial anomaly-detection datasets.
+
+    \b
+    Example (the real MTD data, then masks, then an MVTec-layout export):
+      curate ingest mtd ../shared/data/mtd -w ws
+      curate labels -w ws
+      curate export mvtec --out mtd-mvtec -w ws
+    """
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["kolektorsdd", "kolektorsdd2", "mtd", "severstal",
+                                           "casting", "mvtec"]))
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", default="", help="Source name in the manifest (default: KIND).")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
+              help="Reader option, e.g. -o format=coco (casting), -o release=boxes (kolektorsdd).")
+@common_options
+def ingest(kind, path, name, options, workspace, seed, jobs, as_json):
+    """Read a source folder as distributed into a new manifest.
+
+    Every file under PATH ends up in the manifest or in its inventory (unpaired, ignored,
+    rejected, each with why). Images are hashed and their headers probed, not decoded.
+
+    \b
+    Example:
+      curate ingest mtd ../shared/data/mtd --workspace ws
+      curate ingest casting ./casting -o format=voc -w ws
+    """
+    from curate.stages.ingest import Ingest, IngestParams
+
+    params = IngestParams(kind=kind, source=name, options=_parse_options(options))
+    with _context(workspace, seed, jobs) as ctx:
+        result = run_stage(Ingest(path), [], params, ctx)
+    _show_results([result], as_json)
+    if not as_json:
+        _show_inventory(result.manifest)
+
+
+def _show_inventory(manifest: Manifest) -> None:
+    for source, inv in manifest.header["inventory"].items():
+        parts = [f"{inv['files']} files",
+                 f"{len(inv['annotation_files'])} annotation files",
+                 f"{len(inv['unpaired'])} unpaired", f"{len(inv['ignored'])} ignored",
+                 f"{len(inv['rejected'])} rejected annotation entries"]
+        stdout.print(f"{source}: " + ", ".join(parts) +
+                     " (`curate manifest show` lists them)")
+
+
+@cli.command()
+@click.argument("manifest", required=False)
+@click.option("--threshold", default="auto", show_default=True,
+              help="Mask binarisation: 'auto' (127, or 0 for 0/1 masks) or 0..254.")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="Pixels a box or polygon may overshoot the image.")
+@common_options
+def labels(manifest, threshold, tolerance, workspace, seed, jobs, as_json):
+    """Turn every annotation (mask files, RLE, boxes, polygons) into a pixel mask.
+
+    MANIFEST is an id, a unique prefix or 'latest' (default).
+
+    \b
+    Example:
+      curate labels --workspace ws
+    """
+    from curate.stages.labels import Labels
+
+    values = {"threshold": threshold if threshold == "auto" else _int(threshold, "--threshold"),
+              "tolerance": tolerance}
+    params = make_params(Labels, values)
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        result = run_stage(Labels(), [ctx.workspace.load(manifest)], params, ctx)
+    _show_results([result], as_json)
+
+
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'auto' or an integer, got {value!r}",
+                                 param_hint=name) from None
+
+
+@cli.command()
+@click.argument("manifests", nargs=-1, required=True)
+@common_options
+def merge(manifests, workspace, seed, jobs, as_json):
+    """Combine manifests of different sources into one.
+
+    \b
+    Example:
+      curate merge 3f2a9c 81be07 --workspace ws
+    """
+    from curate.stages.merge import Merge, MergeParams
+
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        inputs = [ctx.workspace.load(ref) for ref in manifests]
+        result = run_stage(Merge(), inputs, MergeParams(), ctx)
+    _show_results([result], as_json)
+
+
+# ------------------------------------------------------------------------------- manifest
+@cli.group("manifest")
+def manifest_group() -> None:
+    """List, show, diff and verify manifests."""
+
+
+@manifest_group.command("list")
+@common_options
+def manifest_list(workspace, seed, jobs, as_json):
+    """All manifests in the workspace, oldest first (* marks the latest).
+
+    \b
+    Example:
+      curate manifest list --workspace ws
+    """
+    ws = Workspace.open(workspace, create=False)
+    infos = ws.list()
+    head = ws.head()
+    if as_json:
+        _emit_json([vars(i) | {"latest": i.id == head} for i in infos])
+        return
+    table = Table()
+    for col in ("", "id", "stage", "parents", "samples", "kept", "dropped", "created"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row("*" if i.id == head else "", i.id, i.stage,
+                      " ".join(p[:12] for p in i.parents) or "-", str(i.samples), str(i.kept),
+                      str(i.dropped), i.created_at[:19].replace("T", " "))
+    stdout.print(table)
+
+
+@manifest_group.command("show")
+@click.argument("manifest", required=False)
+@click.option("--rows", "n_rows", type=click.IntRange(min=0), default=0,
+              help="Also print the first N rows.")
+@common_options
+def manifest_show(manifest, n_rows, workspace, seed, jobs, as_json):
+    """Header, counts and inventory of one manifest (default: the latest).
+
+    \b
+    Example:
+      curate manifest show latest --rows 5 --workspace ws
+    """
+    m = Workspace.open(workspace, create=False).load(manifest)
+    rows = [r for _, r in zip(range(n_rows), m.rows(), strict=False)]
+    if as_json:
+        _emit_json({"header": m.header, "roots": m.roots, "rows": rows})
+        return
+    h = m.header
+    stdout.print(f"[bold]{m.id}[/]  stage {h['stage']['name']} v{h['stage']['version']}  "
+                 f"params {json.dumps(h['stage']['params'], sort_keys=True)}")
+    stdout.print(f"parents: {', '.join(h['parents']) or '-'}   seed: {h['seed']}")
+    for name, spec in h["sources"].items():
+        stdout.print(f"source {name}: {spec['kind']} {json.dumps(spec['options'])} at "
+                     f"{m.roots.get(name, '?')}")
+    c = h["counts"]
+    stdout.print(f"samples {c['samples']}: kept {c['kept']}, dropped {c['dropped']}")
+    for code, n in c["reasons"].items():
+        stdout.print(f"  dropped {code}: {n}")
+    for code, n in c["flags"].items():
+        stdout.print(f"  flagged {code}: {n}")
+    for category, labels_ in c["kept_by_category"].items():
+        stdout.print(f"  {category}: " + ", ".join(f"{k} {v}" for k, v in labels_.items()))
+    for source, inv in h["inventory"].items():
+        for kind in ("unpaired", "ignored", "rejected"):
+            for entry in inv[kind]:
+                stdout.print(f"  {source} {kind}: {entry['path']} ({entry['why']})",
+                             highlight=False)
+    for row in rows:
+        stdout.print(json.dumps(row, sort_keys=True), highlight=False)
+
+
+@manifest_group.command("diff")
+@click.argument("old")
+@click.argument("new", required=False)
+@common_options
+def manifest_diff(old, new, workspace, seed, jobs, as_json):
+    """Samples added, removed and changed (field by field) from OLD to NEW (default: latest).
+
+    \b
+    Example:
+      curate manifest diff 3f2a9c latest --workspace ws
+    """
+    ws = Workspace.open(workspace, create=False)
+    d = diff(ws.load(old), ws.load(new))
+    if as_json:
+        _emit_json(d)
+        return
+    stdout.print(f"{d['old']} -> {d['new']}: {len(d['added'])} added, "
+                 f"{len(d['removed'])} removed, {len(d['changed'])} changed")
+    for kind in ("added", "removed"):
+        for r in d[kind]:
+            stdout.print(f"  {kind} {r['source']}:{r['path']}", highlight=False)
+    for c in d["changed"]:
+        fields = ", ".join(f"{k}: {_brief(v['old'])} -> {_brief(v['new'])}"
+                           for k, v in c["changes"].items())
+        stdout.print(f"  changed {c['source']}:{c['path']}  {fields}", highlight=False)
+
+
+def _brief(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@manifest_group.command("verify")
+@click.argument("manifest", required=False)
+@click.option("--no-originals", is_flag=True,
+              help="Skip re-hashing the original files (manifest and store only).")
+@common_options
+def manifest_verify(manifest, no_originals, workspace, seed, jobs, as_json):
+    """Check a manifest's integrity, its artifacts and (by default) the original files.
+
+    Exit status 1 if anything is wrong.
+
+    \b
+    Example:
+      curate manifest verify latest --workspace ws
+    """
+    from curate.verify import verify
+
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        m = ctx.workspace.load(manifest)
+        problems = verify(m, ctx, originals=not no_originals)
+    if as_json:
+        _emit_json({"manifest": m.id, "ok": not problems, "problems": problems})
+    elif problems:
+        for p in problems:
+            stderr.print(f"[red]problem:[/] {p}", highlight=False)
+    else:
+        stdout.print(f"manifest {m.id}: OK ({len(m)} samples"
+                     f"{'' if no_originals else ', originals re-hashed'})")
+    if problems:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------- export
+@cli.group("export")
+def export_group() -> None:
+    """Write a manifest out in another layout."""
+
+
+@export_group.command("mvtec")
+@click.argument("manifest", required=False)
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder to write (must be new, empty, or an earlier export with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier curate export at --out.")
+@common_options
+def export_mvtec_cmd(manifest, out, overwrite, workspace, seed, jobs, as_json):
+    """MVTec-AD layout: <Category>/{train,test}/<label>/*.png + ground_truth masks.
+
+    Kept samples only; a sample without a split goes to test.
+
+    \b
+    Example:
+      curate export mvtec --out mtd-mvtec --workspace ws
+    """
+    from curate.export.mvtec import export_mvtec
+
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        report = export_mvtec(ctx.workspace.load(manifest), out, ctx, overwrite=overwrite)
+    _show_export(report, out, as_json)
+
+
+def _show_export(report: dict[str, Any], out: Path, as_json: bool) -> None:
+    if as_json:
+        _emit_json({k: v for k, v in report.items() if k != "files"} | {"out": str(out)})
+        return
+    stdout.print(f"exported {report['written']} samples of manifest {report['manifest'][:12]} "
+                 f"to {out}")
+    for category, splits in report["counts"].items():
+        for split, labels_ in splits.items():
+            stdout.print(f"  {category}/{split}: " +
+                         ", ".join(f"{k} {v}" for k, v in labels_.items()))
+    for s in report["skipped"]:
+        stdout.print(f"  [yellow]skipped[/] {s['path']}: {s['why']}", highlight=False)
+
+
+def main() -> None:
+    cli(prog_name="curate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Exporters: write a manifest out in the layouts other tools read."""

@@ -1,0 +1,162 @@
+"""Runner, workspace and store: caching, executors, per-sample randomness, errors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from curate.errors import CurateError, UnsafePathError
+from curate.files import check_relative, safe_join
+from curate.manifest import Manifest, new_row
+from curate.runner import Context, Stage, apply_update, make_params, map_samples, run_stage
+from curate.workspace import Workspace
+
+
+def seed_manifest(n=12) -> Manifest:
+    rows = [new_row(source="s", path=f"img{i:02d}.png", category="C", label="good",
+                    width=4, height=4) for i in range(n)]
+    return Manifest.build(rows, stage="ingest", stage_version="1", roots={"s": "/nowhere"})
+
+
+@dataclass(frozen=True)
+class NoiseParams:
+    scale: float = 1.0
+    fail_on: str = ""
+
+
+def noisy(row, env):
+    """Uses the per-sample generator; raises for one chosen sample."""
+    if row["path"] == env.params.fail_on:
+        raise RuntimeError("boom")
+    value = float(env.rng(row).normal() * env.params.scale)
+    mask = np.zeros((4, 4), bool)
+    mask[0, 0] = value > 0
+    return {"measures": {"noise.value": value}, "artifacts": {"m": env.store.put_mask(mask)}}
+
+
+class Noise(Stage):
+    name = "noise"
+    version = "1"
+    Params = NoiseParams
+    uses_seed = True
+    calls = 0
+
+    def run(self, inputs, params, ctx):
+        Noise.calls += 1
+        (m,) = inputs
+        return self.output(m, map_samples(self, m, params, ctx, noisy), params, ctx)
+
+
+def run(ws, jobs, seed=0, **params):
+    with Context(ws, jobs=jobs, seed=seed, progress=False) as ctx:
+        return run_stage(Noise(), [seed_manifest()], NoiseParams(**params), ctx)
+
+
+def test_results_do_not_depend_on_jobs(tmp_path):
+    one = run(Workspace.open(tmp_path / "a"), jobs=1)
+    two = run(Workspace.open(tmp_path / "b"), jobs=2)
+    assert one.manifest.id == two.manifest.id
+    assert (tmp_path / "a/manifests" / f"{one.manifest.id}.parquet").read_bytes() == \
+        (tmp_path / "b/manifests" / f"{two.manifest.id}.parquet").read_bytes()
+
+
+def test_seed_changes_random_results(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    a = run(ws, jobs=1, seed=0).manifest
+    b = run(ws, jobs=1, seed=1).manifest
+    assert a.id != b.id
+    va = [r["measures"]["noise.value"] for r in a.rows()]
+    assert len(set(va)) == len(va)  # each sample its own stream
+
+
+def test_cache_hits_and_misses(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    Noise.calls = 0
+    first = run(ws, jobs=1)
+    again = run(ws, jobs=1)
+    assert (first.from_cache, again.from_cache) == (False, True)
+    assert again.manifest.id == first.manifest.id and Noise.calls == 1
+    other = run(ws, jobs=1, scale=2.0)
+    assert not other.from_cache and Noise.calls == 2
+    assert ws.head() == other.manifest.id
+
+
+def test_a_failing_sample_is_dropped_not_fatal(tmp_path):
+    result = run(Workspace.open(tmp_path / "ws"), jobs=2, fail_on="img03.png")
+    rows = {r["path"]: r for r in result.manifest.rows()}
+    assert rows["img03.png"]["status"] == "dropped"
+    reason = rows["img03.png"]["reasons"][0]
+    assert (reason["stage"], reason["code"]) == ("noise", "error")
+    assert "RuntimeError: boom" in reason["detail"] and "img03.png" in reason["detail"]
+    assert sum(r["status"] == "kept" for r in rows.values()) == 11
+    assert result.dropped == {"error": 1}
+
+
+def test_updates_cannot_touch_identity_or_status():
+    row = seed_manifest(1).row_list()[0]
+    for key in ("status", "sample_id", "path", "reasons", "nonsense"):
+        with pytest.raises(ValueError, match=key):
+            apply_update(row, {key: "x"}, "s")
+    out = apply_update(row, {"drop": [("bad", "why")], "flags": [("look", "here")]}, "s")
+    assert out["status"] == "dropped" and out["flags"][0]["code"] == "look"
+    assert row["status"] == "kept"  # the input row is not modified
+
+
+def test_make_params_names_unknown_fields():
+    with pytest.raises(CurateError, match="no parameter.*bogus.*scale"):
+        make_params(Noise, {"bogus": 1})
+
+
+def test_workspace_refuses_foreign_folder_and_resolves_prefixes(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "thesis.tex").write_text("x")
+    with pytest.raises(CurateError, match="not empty"):
+        Workspace.open(tmp_path / "full")
+    with pytest.raises(CurateError, match="not a curate workspace"):
+        Workspace.open(tmp_path / "missing", create=False)
+    ws = Workspace.open(tmp_path / "ws")
+    with pytest.raises(CurateError, match="no manifests yet"):
+        ws.load()
+    m = run(ws, jobs=1).manifest
+    assert ws.load(m.id[:6]).id == m.id
+    assert ws.load("latest").id == m.id
+    with pytest.raises(CurateError, match="no manifest"):
+        ws.load("ffffffffff")
+    record = ws.record_path(m.id).read_text()
+    assert "created_at" in record and "/nowhere" in record
+    # Nothing volatile in the manifest file itself.
+    assert b"created_at" not in ws.manifest_path(m.id).read_bytes()
+
+
+def test_store_is_content_addressed_and_checked(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    mask = np.eye(5, dtype=bool)
+    key = ws.store.put_mask(mask)
+    assert key == ws.store.put_mask(mask.astype(np.uint8) * 255)  # same pixels, same key
+    assert np.array_equal(ws.store.read_mask(key), mask)
+    assert ws.store.check(key) is None
+    path = ws.store.path(key)
+    os.chmod(path, 0o644)
+    from curate.imageio import encode_png
+
+    path.write_bytes(encode_png(np.zeros((5, 5), np.uint8)))
+    assert "changed on disk" in ws.store.check(key)
+    path.unlink()
+    assert "missing" in ws.store.check(key)
+    with pytest.raises(CurateError, match="not a store key"):
+        ws.store.path("../../etc/passwd")
+
+
+@pytest.mark.parametrize("rel", ["../x", "a/../../x", "/abs", "C:/x", "a\\b", "./a", ""])
+def test_paths_escaping_their_root_are_rejected(rel, tmp_path):
+    with pytest.raises(UnsafePathError):
+        check_relative(rel)
+    with pytest.raises(UnsafePathError):
+        safe_join(tmp_path, rel)
+
+
+def test_safe_relative_paths_pass(tmp_path):
+    assert safe_join(tmp_path, "a/b..c/d.png") == tmp_path / "a/b..c/d.png"
