@@ -82,7 +82,8 @@ def _show_results(results: list[StageResult], as_json: bool) -> None:
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped_here"].items()) or "-"
         flagged = ", ".join(f"{k} {v}" for k, v in s["flagged_here"].items()) or "-"
         when = "cached" if s["from_cache"] else f"{s['elapsed_s']:.2f} s"
-        table.add_row(s["stage"], s["manifest"][:12], str(s["samples"]), str(s["kept"]),
+        stage = f"{s['stage']} {s['source']}" if s["source"] else s["stage"]
+        table.add_row(stage, s["manifest"][:12], str(s["samples"]), str(s["kept"]),
                       dropped, flagged, when)
     stdout.print(table)
 
@@ -348,8 +349,11 @@ def export_group() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Folder to write (must be new, empty, or an earlier export with --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier curate export at --out.")
+@click.option("--images", type=click.Choice(["png", "keep"]), default="png", show_default=True,
+              help="Re-encode images as PNG (what MVTec loaders glob for), or copy the "
+                   "originals byte for byte in their own format (faster).")
 @common_options
-def export_mvtec_cmd(manifest, out, overwrite, workspace, seed, jobs, as_json):
+def export_mvtec_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as_json):
     """MVTec-AD layout: <Category>/{train,test}/<label>/*.png + ground_truth masks.
 
     Kept samples only; a sample without a split goes to test.
@@ -361,7 +365,8 @@ def export_mvtec_cmd(manifest, out, overwrite, workspace, seed, jobs, as_json):
     from curate.export.mvtec import export_mvtec
 
     with _context(workspace, seed, jobs, create=False) as ctx:
-        report = export_mvtec(ctx.workspace.load(manifest), out, ctx, overwrite=overwrite)
+        report = export_mvtec(ctx.workspace.load(manifest), out, ctx, overwrite=overwrite,
+                              images=images)
     _show_export(report, out, as_json)
 
 
@@ -377,6 +382,60 @@ def _show_export(report: dict[str, Any], out: Path, as_json: bool) -> None:
                          ", ".join(f"{k} {v}" for k, v in labels_.items()))
     for s in report["skipped"]:
         stdout.print(f"  [yellow]skipped[/] {s['path']}: {s['why']}", highlight=False)
+
+
+# ------------------------------------------------------------------------------- demo
+#: Where the real MTD lies in the development layout (a `shared/` folder beside the checkout).
+DEFAULT_MTD = Path("../shared/data/mtd")
+
+
+@cli.command()
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("demo"), show_default=True,
+              help="Folder for the generated sources, the workspace and the export.")
+@click.option("--mtd", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The real MTD folder [default: ../shared/data/mtd when it exists].")
+@click.option("--no-mtd", is_flag=True, help="Use only the generated MTD sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=default_jobs,
+              show_default="number of CPUs, at most 8", help="Worker processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def demo(out, mtd, no_mtd, seed, jobs, as_json):
+    """Build a small sample of every source layout (and the real MTD) end to end.
+
+    Generates tiny datasets in the original layouts of KolektorSDD, KolektorSDD2, MTD,
+    Severstal, Casting and MVTec under OUT/sources, ingests each (the real MTD instead of the
+    generated one when found), merges, turns labels into masks, exports the MVTec layout to
+    OUT/export and verifies the result. The workspace is OUT/workspace.
+
+    \b
+    Example:
+      curate demo --out demo
+    """
+    from curate.demo import run_demo
+
+    if mtd is None and not no_mtd and (DEFAULT_MTD / "MT_Free").is_dir():
+        mtd = DEFAULT_MTD
+    if no_mtd:
+        mtd = None
+    try:
+        with _context(out / "workspace", seed, jobs) as ctx:
+            result = run_demo(ctx, out, mtd=mtd.absolute() if mtd else None, seed=seed)
+    except CurateError as exc:
+        raise Failure(str(exc)) from exc
+    if as_json:
+        _emit_json({"stages": [s.summary() for s in result.stages], "sources": result.sources,
+                    "export": {k: v for k, v in result.export.items() if k != "files"},
+                    "problems": result.problems})
+    else:
+        _show_results(result.stages, as_json=False)
+        _show_export(result.export, out / "export", as_json=False)
+        verdict = "OK" if not result.problems else f"{len(result.problems)} problems"
+        stdout.print(f"verify: {verdict}; workspace {out / 'workspace'}")
+        for p in result.problems:
+            stderr.print(f"[red]problem:[/] {p}", highlight=False)
+    if result.problems:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -277,8 +277,10 @@ class StageResult:
 
     def summary(self) -> dict[str, Any]:
         counts = self.manifest.header["counts"]
+        params = self.manifest.header["stage"]["params"]
         return {
             "stage": self.stage,
+            "source": params.get("source") if self.stage == "ingest" else None,
             "manifest": self.manifest.id,
             "from_cache": self.from_cache,
             "elapsed_s": round(self.elapsed_s, 3),

@@ -45,8 +45,7 @@ def verify(manifest: Manifest, ctx: Context, *, originals: bool = True) -> list[
     """Every problem found, as sentences naming the file; empty when all is sound."""
     problems = list(manifest.check())
     env = ctx.env("verify", VerifyParams(originals=originals), manifest.roots)
-    rows = list(manifest.rows())
-    for row, result in zip(rows, ctx.map(verify_sample, rows, env, "verify"), strict=True):
+    for result in ctx.map(verify_sample, list(manifest.rows()), env, "verify"):
         problems.extend(result.get("problems", []))
         problems.extend(detail for _, detail in result.get("drop", []))
     return problems

@@ -12,7 +12,7 @@ from helpers import by_path, ingest, labels
 from curate.errors import CurateError
 from curate.export.mvtec import export_mvtec
 from curate.files import sha256_file, walk_files
-from curate.imageio import binarize, decode, decode_file
+from curate.imageio import binarize, decode_file
 from curate.runner import Context
 from curate.verify import verify
 from curate.workspace import Workspace

@@ -7,7 +7,9 @@
     <out>/curate-export.json      which manifest, and which sample each file came from
 
 Kept samples only. A sample goes to its ``split`` (``test`` while no split has been assigned).
-Images are written as PNG (official loaders glob ``*.png``), channels as in the source.
+Images are written as PNG (official loaders glob ``*.png``), channels as in the source; with
+``images="keep"`` they are copied byte for byte instead, keeping their format and extension
+(several times faster: no decoding or encoding, but only for loaders that accept any format).
 File names come from the source path: the shortest tail of it that is unique within the
 folder (``exp1_num_10181``, ``kos01_Part0``), so every exported file can be traced back by eye;
 ``curate-export.json`` maps each one to its sample id, source path and sha256.
@@ -39,9 +41,13 @@ MARKER = "curate-export.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+IMAGE_MODES = ("png", "keep")
+
+
 @dataclass(frozen=True)
 class ExportParams:
     out: str  # the temporary folder being written
+    images: str = "png"
 
 
 def _safe(name: str) -> str:
@@ -69,7 +75,7 @@ def unique_names(rows: list[dict[str, Any]]) -> list[str]:
     return [_safe(n) for n in names]
 
 
-def _plan(manifest: Manifest) -> list[dict[str, Any]]:
+def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
     """One job per kept sample: the row plus where its image (and mask) go."""
     kept = [r for r in manifest.rows() if r["status"] == KEPT]
     if kept and not any("labels.mask_fraction" in r["measures"] for r in kept):
@@ -83,7 +89,8 @@ def _plan(manifest: Manifest) -> list[dict[str, Any]]:
     for (category, split, label), rows in sorted(folders.items()):
         for row, name in zip(rows, unique_names(rows), strict=True):
             job = dict(row)
-            job["export_image"] = f"{category}/{split}/{label}/{name}.png"
+            ext = ".png" if images == "png" else PurePosixPath(row["path"]).suffix.lower()
+            job["export_image"] = f"{category}/{split}/{label}/{name}{ext}"
             job["export_mask"] = (f"{category}/ground_truth/{label}/{name}_mask.png"
                                   if label != GOOD else None)
             jobs.append(job)
@@ -95,23 +102,23 @@ def export_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     out = Path(env.params.out)
     if job["export_mask"] is not None and "mask" not in job["artifacts"]:
         return {"skipped": f"{job['path']}: labelled {job['label']!r} but has no mask"}
-    pixels = decode(env.read_source(job))
-    target = out / job["export_image"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, encode_png(pixels))
+    data = env.read_source(job)
+    if env.params.images == "png":
+        data = encode_png(decode(data))
+    atomic_write_bytes(out / job["export_image"], data)
     written = {"image": job["export_image"]}
     if job["export_mask"] is not None:
-        mask_target = out / job["export_mask"]
-        mask_target.parent.mkdir(parents=True, exist_ok=True)
         # The store already holds the mask as a 0/255 PNG: copy it, no need to re-encode.
-        shutil.copyfile(env.store.path(job["artifacts"]["mask"]), mask_target)
+        shutil.copyfile(env.store.path(job["artifacts"]["mask"]), out / job["export_mask"])
         written["mask"] = job["export_mask"]
     return written
 
 
 def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, images: str = "png") -> dict[str, Any]:
     """Write ``manifest`` to ``out`` in the MVTec-AD layout; returns the export report."""
+    if images not in IMAGE_MODES:
+        raise CurateError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / MARKER).is_file():
@@ -120,15 +127,19 @@ def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
         if not overwrite:
             raise CurateError(f"{out} already holds a curate export: pass --overwrite to "
                               "replace it")
-    jobs = _plan(manifest)
+    jobs = _plan(manifest, images)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.curate-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        env = ctx.env("export", ExportParams(out=str(tmp)), manifest.roots)
+        folders = {str(PurePosixPath(j[k]).parent) for j in jobs
+                   for k in ("export_image", "export_mask") if j[k]}
+        for folder in sorted(folders):
+            (tmp / folder).mkdir(parents=True, exist_ok=True)
+        env = ctx.env("export", ExportParams(out=str(tmp), images=images), manifest.roots)
         results = ctx.map(export_sample, jobs, env, "export mvtec")
-        report = _report(manifest, jobs, results)
+        report = _report(manifest, jobs, results, images)
         atomic_write_text(tmp / MARKER, json.dumps(report, indent=1, sort_keys=True) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.curate-old-{os.getpid()}"
@@ -142,7 +153,8 @@ def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
     return report
 
 
-def _report(manifest: Manifest, jobs: list[dict], results: list[dict]) -> dict[str, Any]:
+def _report(manifest: Manifest, jobs: list[dict], results: list[dict], images: str
+            ) -> dict[str, Any]:
     files, skipped = [], []
     counts: Counter[tuple[str, str, str]] = Counter()
     for job, res in zip(jobs, results, strict=True):
@@ -160,6 +172,7 @@ def _report(manifest: Manifest, jobs: list[dict], results: list[dict]) -> dict[s
         tree.setdefault(category, {}).setdefault(split, {})[label] = n
     return {
         "format": "mvtec",
+        "images": images,
         "manifest": manifest.id,
         "curate_version": __version__,
         "written": len(files),

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from curate.errors import CurateError
 from curate.sources.base import Reader
+from curate.sources.casting import CastingReader
+from curate.sources.kolektorsdd import KolektorSDDReader
+from curate.sources.kolektorsdd2 import KolektorSDD2Reader
 from curate.sources.mtd import MTDReader
+from curate.sources.mvtec import MVTecReader
+from curate.sources.severstal import SeverstalReader
 
-READERS: dict[str, type[Reader]] = {r.kind: r for r in (MTDReader,)}
+READERS: dict[str, type[Reader]] = {r.kind: r for r in (
+    MTDReader, KolektorSDDReader, KolektorSDD2Reader, SeverstalReader, CastingReader,
+    MVTecReader,
+)}
 
 
 def get_reader(kind: str) -> Reader:

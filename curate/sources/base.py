@@ -17,6 +17,7 @@ Conventions all readers follow:
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -112,6 +113,35 @@ def stem_and_ext(rel: str) -> tuple[str, str]:
 
 def is_image(rel: str) -> bool:
     return is_image_name(rel)
+
+
+def pair_masks_beside(files: Iterable[str], inv: Inventory, *, folder: re.Pattern[str],
+                      mask_suffix: str, elsewhere: str) -> list[tuple[str, str, str | None]]:
+    """Pair each image with the mask beside it named ``<stem><mask_suffix>.<ext>``.
+
+    The KolektorSDD convention (``PartN_label.bmp``, KolektorSDD2's ``<id>_GT.png``). Returns
+    ``(stem, image, mask or None)`` sorted by stem. Files that are not images in a folder
+    matching ``folder`` are ignored (``elsewhere`` says why); a second file for the same sample
+    and a mask without its image are listed as unpaired.
+    """
+    images: dict[str, str] = {}
+    masks: dict[str, str] = {}  # keyed by the stem of the image the mask belongs to
+    for rel in files:
+        if not folder.match(rel) or not is_image(rel):
+            inv.ignore(rel, elsewhere)
+            continue
+        stem, _ext = stem_and_ext(rel)
+        is_mask = stem.endswith(mask_suffix)
+        key = stem.removesuffix(mask_suffix) if is_mask else stem
+        found = masks if is_mask else images
+        if key in found:
+            inv.unpair(rel, f"a second file for sample {key}, besides {found[key]}")
+        else:
+            found[key] = rel
+    for key, mask in masks.items():
+        if key not in images:
+            inv.unpair(mask, "mask without an image of the same stem")
+    return [(stem, image, masks.get(stem)) for stem, image in sorted(images.items())]
 
 
 def ignore_rest(inventory: Inventory, files: Iterable[str], used: set[str], why: str) -> None:

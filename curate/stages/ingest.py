@@ -68,8 +68,9 @@ def probe_sample(row: dict[str, Any], env: SampleEnv) -> Update:
 def source_fingerprint(root: Path) -> str:
     """Hash of every file's path, size and modification time: cheap change detection."""
     entries = []
-    for rel in walk_files(root):
-        st = os.stat(root / rel)
+    base = os.fspath(root)
+    for rel in walk_files(base):
+        st = os.stat(os.path.join(base, rel))
         entries.append([rel, st.st_size, st.st_mtime_ns])
     return content_hash(entries)
 

@@ -1,0 +1,62 @@
+"""KolektorSDD (KSDD; Tabernik et al., J. Intelligent Manufacturing 2020): electrical commutators.
+
+Layout as distributed (both official releases, "fine" masks and "boxes" masks, share it)::
+
+    kosNN/PartN.jpg          image (grayscale JPEG, 500 px wide, about 1250 px tall)
+    kosNN/PartN_label.bmp    its mask, same stem plus ``_label``
+
+The folder says nothing about the label: a sample is defective when its mask has any
+foreground pixel, so rows leave ``label`` empty and the ingest stage decides it from the mask.
+The ``release`` option does not change how files are read; it records, in the manifest's
+source options, which of the two mask releases was ingested.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+from curate.manifest import drop, new_row
+from curate.sources.base import Inventory, Reader, Scan, pair_masks_beside
+
+_IN_KOS = re.compile(r"^kos\d+/[^/]+$")
+MASK_SUFFIX = "_label"
+RELEASES = ("fine", "boxes")
+#: Samples the authors' own loader skips; the option ``skip_known_faulty`` follows it.
+KNOWN_FAULTY = {"kos21/Part7": "the KolektorSDD authors' own loader skips it as a faulty sample"}
+
+
+class KolektorSDDReader(Reader):
+    kind = "kolektorsdd"
+    category = "KolektorSDD"
+    layout = "kosNN/PartN.jpg images with PartN_label.bmp masks beside them"
+    options = {"release": "fine", "skip_known_faulty": True}
+
+    def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
+        if options["release"] not in RELEASES:
+            raise CurateError(f"kolektorsdd option release={options['release']!r}: expected "
+                              f"one of {', '.join(RELEASES)}")
+        if not isinstance(options["skip_known_faulty"], bool):
+            raise CurateError(f"kolektorsdd option skip_known_faulty="
+                              f"{options['skip_known_faulty']!r}: expected true or false")
+        files = self.files(root)
+        inv = Inventory(files=len(files))
+        pairs = pair_masks_beside(files, inv, folder=_IN_KOS, mask_suffix=MASK_SUFFIX,
+                                  elsewhere="not an image directly inside a kosNN folder")
+        if not pairs:
+            raise self.unrecognised(root)
+        rows = []
+        for stem, image, mask in pairs:
+            row = new_row(source=source, path=image, category=options["category"])
+            if mask is None:
+                drop(row, "ingest", "missing_mask",
+                     f"{image}: no mask {stem}{MASK_SUFFIX}.bmp beside the image")
+            else:
+                row["annotation"] = {"mask": mask}
+            if options["skip_known_faulty"] and stem in KNOWN_FAULTY:
+                drop(row, "ingest", "known_faulty",
+                     f"{image}: {KNOWN_FAULTY[stem]} (pass skip_known_faulty=false to keep it)")
+            rows.append(row)
+        return Scan(rows, inv)

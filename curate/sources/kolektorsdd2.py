@@ -1,0 +1,49 @@
+"""KolektorSDD2 (KSDD2; Božič et al., Computers in Industry 2021).
+
+Layout as distributed::
+
+    train/<id>.png       image (colour PNG, about 230x630 px); <id> is a 5-digit number
+    train/<id>_GT.png    its mask, same stem plus ``_GT``
+    test/<id>.png, test/<id>_GT.png
+
+Image and mask are both PNG: the mask is the file whose stem ends with ``_GT``. As for
+KolektorSDD, a sample is defective when its mask has any foreground pixel, so rows leave
+``label`` empty and the ingest stage decides it from the mask.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from curate.manifest import drop, new_row
+from curate.sources.base import Inventory, Reader, Scan, pair_masks_beside
+
+_IN_SPLIT = re.compile(r"^(train|test)/[^/]+$")
+MASK_SUFFIX = "_GT"
+
+
+class KolektorSDD2Reader(Reader):
+    kind = "kolektorsdd2"
+    category = "KolektorSDD2"
+    layout = "train/<id>.png and test/<id>.png images with <id>_GT.png masks beside them"
+
+    def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
+        files = self.files(root)
+        inv = Inventory(files=len(files))
+        pairs = pair_masks_beside(files, inv, folder=_IN_SPLIT, mask_suffix=MASK_SUFFIX,
+                                  elsewhere="not an image directly inside train/ or test/")
+        if not pairs:
+            raise self.unrecognised(root)
+        rows = []
+        for stem, image, mask in pairs:
+            row = new_row(source=source, path=image, category=options["category"],
+                          source_split=image.split("/", 1)[0])
+            if mask is None:
+                drop(row, "ingest", "missing_mask",
+                     f"{image}: no mask {stem}{MASK_SUFFIX}.png beside the image")
+            else:
+                row["annotation"] = {"mask": mask}
+            rows.append(row)
+        return Scan(rows, inv)

@@ -1,0 +1,171 @@
+"""Severstal: Steel Defect Detection (Kaggle, 2019), the STEEL category of HSS-IAD.
+
+Layout as distributed::
+
+    train_images/<ImageId>.jpg   1600x256, 3-channel JPEG of grey steel
+    test_images/<ImageId>.jpg    no public labels
+    train.csv                    run-length encoded defects, defect classes 1-4
+
+``train.csv`` exists in two public layouts, both accepted:
+
+- long: ``ImageId,ClassId,EncodedPixels``, one line per (image, class) with a defect;
+- legacy wide: ``ImageId_ClassId,EncodedPixels``, four lines per image (``<ImageId>_1`` …
+  ``_4``), ``EncodedPixels`` empty where the class is absent.
+
+An image may carry several classes: each keeps its own RLE entry (a well-known public loader
+keeps only the last one per image). RLE strings are kept verbatim; the labels stage decodes
+and checks them against the image size. Train images the CSV gives no encoding are good.
+
+Defect classes are named ``class1`` … ``class4`` everywhere (labels, RLE entries and the
+per-class masks ``mask:class1`` …); the label is ``combined`` when an image has several.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError, UnsafePathError
+from curate.files import check_relative
+from curate.manifest import drop, new_row
+from curate.sources.base import Inventory, Reader, Scan, is_image, label_for, stem_and_ext
+
+CSV = "train.csv"
+TRAIN, TEST = "train_images", "test_images"
+LONG_HEADER = ["ImageId", "ClassId", "EncodedPixels"]
+WIDE_HEADER = ["ImageId_ClassId", "EncodedPixels"]
+CLASS_IDS = ("1", "2", "3", "4")
+IGNORED = {"sample_submission.csv": "Kaggle's submission template: it holds no labels"}
+
+
+def _long_fields(fields: list[str]) -> tuple[str, str, str]:
+    if len(fields) != 3:
+        raise ValueError(f"expected 3 fields ({','.join(LONG_HEADER)}), got {len(fields)}")
+    return fields[0], fields[1], fields[2]
+
+
+def _wide_fields(fields: list[str]) -> tuple[str, str, str]:
+    if len(fields) != 2:
+        raise ValueError(f"expected 2 fields ({','.join(WIDE_HEADER)}), got {len(fields)}")
+    image_id, sep, class_id = fields[0].rpartition("_")
+    if not sep:
+        raise ValueError(f"{fields[0]!r} is not <ImageId>_<ClassId>")
+    return image_id, class_id, fields[1]
+
+
+def _layout(header: list[str], path: Path) -> Callable[[list[str]], tuple[str, str, str]]:
+    names = [h.strip() for h in header]
+    if names == LONG_HEADER:
+        return _long_fields
+    if names == WIDE_HEADER:
+        return _wide_fields
+    raise CurateError(f"{path}: header {','.join(header)!r} is not a Severstal train.csv "
+                      f"header; expected {','.join(LONG_HEADER)!r} (long layout) or "
+                      f"{','.join(WIDE_HEADER)!r} (legacy wide layout)")
+
+
+def read_train_csv(path: Path, train_images: dict[tuple[str, str], str],
+                   inv: Inventory) -> dict[str, dict[str, str]]:
+    """RLE strings by train image path, then by class id; unusable lines go to ``inv``.
+
+    ``train_images`` maps (stem, lower-case extension) to the image's path, so that an
+    ImageId ``x.jpg`` finds ``train_images/x.JPG``. Lines whose encoding is empty are kept
+    track of (a duplicate of one is still a duplicate) but add no RLE entry.
+    """
+    found: dict[str, dict[str, str]] = {}
+    first_line: dict[tuple[str, str], int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            fields_of = _layout(next(reader, []), path)
+            for fields in reader:
+                if not any(f.strip() for f in fields):
+                    continue
+                where = f"{CSV}:{reader.line_num}"
+                try:
+                    image_id, class_id, counts = fields_of(fields)
+                except ValueError as exc:
+                    inv.reject(where, str(exc))
+                    continue
+                image_id, class_id = image_id.strip(), class_id.strip()
+                if class_id not in CLASS_IDS:
+                    inv.reject(where, f"ClassId {class_id!r} is not one of "
+                                      f"{', '.join(CLASS_IDS)}")
+                    continue
+                try:
+                    check_relative(image_id, "ImageId")
+                except UnsafePathError as exc:
+                    inv.reject(where, str(exc))
+                    continue
+                image = train_images.get(stem_and_ext(image_id))
+                if image is None:
+                    inv.reject(where, f"no image {TRAIN}/{image_id}")
+                    continue
+                key = (image, class_id)
+                if key in first_line:
+                    inv.reject(where, f"a second line for {image_id} class {class_id} "
+                                      f"(the first is line {first_line[key]})")
+                    continue
+                first_line[key] = reader.line_num
+                if counts.strip():
+                    found.setdefault(image, {})[class_id] = counts
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise CurateError(f"{path}: not a readable CSV file ({exc}); expected Severstal's "
+                          "train.csv") from exc
+    return found
+
+
+class SeverstalReader(Reader):
+    kind = "severstal"
+    category = "STEEL"
+    layout = (f"{TRAIN}/<ImageId>.jpg images, {TEST}/ and a {CSV} of run-length encoded "
+              "defects")
+
+    def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
+        files = self.files(root)
+        has_csv, has_train = (root / CSV).is_file(), (root / TRAIN).is_dir()
+        if not has_csv and not has_train:
+            raise self.unrecognised(root)
+        if not has_csv or not has_train:
+            missing = root / (CSV if not has_csv else TRAIN)
+            raise CurateError(f"{missing}: not found; a Severstal folder needs both "
+                              f"{TRAIN}/ and {CSV} (the labels of the train images)")
+        inv = Inventory(files=len(files), annotation_files=[CSV])
+        train: dict[tuple[str, str], str] = {}
+        test: list[str] = []
+        for rel in files:
+            folder, _, name = rel.rpartition("/")
+            if rel == CSV:
+                continue
+            if folder == TRAIN and is_image(name):
+                key = stem_and_ext(name)
+                if key in train:
+                    inv.unpair(rel, f"a second image named like {train[key]}")
+                else:
+                    train[key] = rel
+            elif folder == TEST and is_image(name):
+                test.append(rel)
+            else:
+                inv.ignore(rel, IGNORED.get(rel, f"not an image in {TRAIN}/ or {TEST}/, "
+                                                 f"nor {CSV}"))
+        rle = read_train_csv(root / CSV, train, inv)
+
+        category = options["category"]
+        rows = []
+        for image in sorted(train.values()):
+            by_class = rle.get(image, {})
+            annotation: dict[str, Any] = {"file": CSV}
+            if by_class:
+                annotation["rle"] = [{"class": f"class{k}", "counts": v}
+                                     for k, v in sorted(by_class.items())]
+            classes = [f"class{k}" for k in sorted(by_class)]
+            rows.append(new_row(source=source, path=image, category=category,
+                                source_split="train", label=label_for(classes),
+                                defect_classes=classes, annotation=annotation))
+        for image in test:
+            row = new_row(source=source, path=image, category=category, source_split="test")
+            rows.append(drop(row, "ingest", "no_labels",
+                             f"{image}: Severstal publishes no labels for its test images"))
+        return Scan(rows, inv)
