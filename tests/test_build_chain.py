@@ -1,0 +1,111 @@
+"""Merge, export modes, the demo command and the JSON Schemas, on generated sources."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+from helpers import ingest, labels
+
+from curate import fixtures
+from curate.cli import cli
+from curate.errors import CurateError, ManifestError
+from curate.export.mvtec import export_mvtec, unique_names
+from curate.files import sha256_file
+from curate.runner import run_stage
+from curate.schemas_io import load_schema, validate_recipe
+from curate.stages.merge import Merge, MergeParams
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return fixtures.write_all(tmp_path / "sources", seed=3)
+
+
+def test_merge_combines_sources_whatever_the_order(ctx, sources):
+    a = ingest(ctx, "kolektorsdd2", sources["kolektorsdd2"])
+    b = ingest(ctx, "severstal", sources["severstal"])
+    ab = run_stage(Merge(), [a, b], MergeParams(), ctx).manifest
+    ba = run_stage(Merge(), [b, a], MergeParams(), ctx)
+    assert ba.from_cache and ba.manifest.id == ab.id
+    assert len(ab) == len(a) + len(b)
+    assert ab.header["parents"] == sorted([a.id, b.id])
+    assert set(ab.header["sources"]) == {"kolektorsdd2", "severstal"}
+    assert set(ab.header["inventory"]) == {"kolektorsdd2", "severstal"}
+    assert ab.roots == {"kolektorsdd2": str(sources["kolektorsdd2"]),
+                        "severstal": str(sources["severstal"])}
+
+
+def test_merge_refuses_clashing_names_and_shared_samples(ctx, sources):
+    a = ingest(ctx, "kolektorsdd2", sources["kolektorsdd2"], source="steel")
+    b = ingest(ctx, "severstal", sources["severstal"], source="steel")
+    with pytest.raises(CurateError, match="another --name"):
+        run_stage(Merge(), [a, b], MergeParams(), ctx)
+    with pytest.raises(CurateError, match="same manifest twice"):
+        run_stage(Merge(), [a, a], MergeParams(), ctx)
+    with pytest.raises(CurateError, match="share samples"):
+        run_stage(Merge(), [a, labels(ctx, a)], MergeParams(), ctx)
+
+
+def test_export_needs_masks_first(ctx, sources, tmp_path):
+    m = ingest(ctx, "mvtec", sources["mvtec"])
+    with pytest.raises(CurateError, match="run `curate labels`"):
+        export_mvtec(m, tmp_path / "out", ctx)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_keep_copies_originals_byte_for_byte(ctx, sources, tmp_path):
+    m = labels(ctx, ingest(ctx, "casting", sources["casting"]))
+    report = export_mvtec(m, tmp_path / "out", ctx, images="keep")
+    assert report["written"] == m.header["counts"]["kept"] and report["images"] == "keep"
+    for entry in report["files"]:
+        exported = tmp_path / "out" / entry["file"]
+        assert exported.suffix == ".jpg"
+        assert sha256_file(exported) == entry["sha256"]
+    with pytest.raises(CurateError, match="images must be"):
+        export_mvtec(m, tmp_path / "other", ctx, images="tiff")
+
+
+def test_export_names_are_unique_and_traceable():
+    rows = [{"source": "s", "path": p} for p in
+            ["kos01/Part0.jpg", "kos02/Part0.jpg", "kos02/Part1.jpg", "a b/x#1.png"]]
+    assert unique_names(rows) == ["kos01_Part0", "kos02_Part0", "Part1", "x_1"]
+    twins = [{"source": "one", "path": "x.png"}, {"source": "two", "path": "x.png"}]
+    assert unique_names(twins) == ["one_x", "two_x"]
+
+
+def test_demo_builds_every_source_end_to_end(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--no-mtd",
+                                      "--json", "-j", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["problems"] == []
+    ingested = {s["source"] for s in out["stages"] if s["stage"] == "ingest"}
+    assert ingested == {"kolektorsdd", "kolektorsdd2", "mtd", "severstal", "casting", "mvtec"}
+    categories = set(out["export"]["counts"])
+    assert {"KolektorSDD", "KolektorSDD2", "Magnetic-tile-defect", "STEEL",
+            "Casting"} <= categories
+    assert out["export"]["skipped"] == []
+    for category in categories:
+        assert (tmp_path / "demo" / "export" / category / "test" / "good").is_dir()
+
+
+@pytest.mark.parametrize("name", ["sample", "header", "recipe"])
+def test_schemas_are_valid_draft_07(name):
+    schema = load_schema(name)
+    assert schema["$schema"].startswith("http://json-schema.org/draft-07/")
+    jsonschema.Draft7Validator.check_schema(schema)
+
+
+def test_recipe_schema_accepts_a_recipe_and_names_what_is_wrong():
+    recipe = {"name": "hss-iad", "version": 1, "seed": 0,
+              "sources": [{"kind": "mtd", "folder_names": ["Magnetic-tile-defect-datasets."],
+                           "category": "Magnetic-tile-defect"}],
+              "stages": [{"stage": "labels", "params": {"threshold": "auto"}}],
+              "export": {"formats": ["mvtec"]}}
+    validate_recipe(recipe, "test.yaml")
+    recipe["sources"][0]["kind"] = "imagenet"
+    with pytest.raises(ManifestError, match="test.yaml"):
+        validate_recipe(recipe, "test.yaml")
