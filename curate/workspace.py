@@ -18,10 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from curate import __version__
 from curate.errors import CurateError, ManifestError
 from curate.files import atomic_write_text, safe_join
-from curate.manifest import Manifest
+from curate.manifest import HEADER_KEY, Manifest
 from curate.store import Store
 
 WORKSPACE_FORMAT = "curate-workspace/1"
@@ -144,10 +146,7 @@ class Workspace:
         return manifest
 
     def info(self, manifest_id: str) -> ManifestInfo:
-        import pyarrow.parquet as pq  # only the schema's metadata is read, not the rows
-
-        from curate.manifest import HEADER_KEY
-
+        # Only the schema's metadata is read, not the rows: listing stays fast for big manifests.
         meta = pq.read_schema(self.manifest_path(manifest_id)).metadata or {}
         header = json.loads(meta.get(HEADER_KEY, b"{}"))
         counts = header.get("counts", {})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from helpers import ingest, labels
-from source_checks import (
+from helpers import (
     assert_every_file_accounted_for,
     assert_masks_match,
+    ingest,
     kept_counts,
+    labels,
     tree_digest,
 )
 

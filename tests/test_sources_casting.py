@@ -7,11 +7,13 @@ import io
 import json
 
 import pytest
-from helpers import by_path, ingest, labels
-from source_checks import (
+from helpers import (
     assert_every_file_accounted_for,
     assert_masks_match,
+    by_path,
+    ingest,
     kept_counts,
+    labels,
     reasons,
     tree_digest,
     truncate,
