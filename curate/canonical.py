@@ -49,12 +49,15 @@ def canonicalize(value: Any) -> Any:
     raise TypeError(f"cannot canonicalize a value of type {type(value).__name__}: {value!r}")
 
 
+def dumps_canonical(value: Any) -> str:
+    """Compact JSON with sorted keys of a value that is already canonical."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
     """Compact JSON with sorted keys of the canonical form of ``value``."""
-    return json.dumps(
-        canonicalize(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-        allow_nan=False,
-    )
+    return dumps_canonical(canonicalize(value))
 
 
 def sha256_hex(data: bytes | str) -> str:

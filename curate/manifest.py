@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.canonical import canonical_json, canonicalize, sha256_hex
+from curate.canonical import canonical_json, canonicalize, dumps_canonical, sha256_hex
 from curate.errors import ManifestError
 from curate.schemas_io import validate_header, validate_rows
 
@@ -111,13 +111,16 @@ def drop(row: dict[str, Any], stage: str, code: str, detail: str) -> dict[str, A
     return row
 
 
-def _stored(row: dict[str, Any]) -> dict[str, Any]:
-    """The on-disk form of a row: JSON columns serialised canonically, floats canonical."""
-    out = {}
-    for name in COLUMNS:
-        value = row[name]
-        out[name] = canonical_json(value) if name in JSON_COLUMNS else canonicalize(value)
-    return out
+def _canonical_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The canonical Python form of a row, and its on-disk form (JSON columns as text)."""
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+        raise ManifestError(f"sample {row.get('source')}:{row.get('path')} lacks the "
+                            f"column(s) {', '.join(missing)}")
+    canon = canonicalize({name: row[name] for name in COLUMNS})
+    stored = {name: dumps_canonical(v) if name in JSON_COLUMNS else v
+              for name, v in canon.items()}
+    return canon, stored
 
 
 def _loaded(stored: dict[str, Any]) -> dict[str, Any]:
@@ -159,12 +162,13 @@ class Manifest:
         roots: dict[str, str] | None = None,
     ) -> Manifest:
         """Validate ``rows``, put them in canonical order and compute the manifest id."""
-        stored = sorted((_stored(r) for r in rows), key=_sort_key)
-        ids = [r["sample_id"] for r in stored]
+        pairs = sorted((_canonical_row(r) for r in rows), key=lambda p: _sort_key(p[0]))
+        ids = [canon["sample_id"] for canon, _ in pairs]
         if len(set(ids)) != len(ids):
             dup = [k for k, n in Counter(ids).items() if n > 1][:5]
             raise ManifestError(f"duplicate sample ids in manifest rows: {dup}")
-        validate_rows(_loaded(r) for r in stored)
+        validate_rows(canon for canon, _ in pairs)
+        stored = [s for _, s in pairs]
         table = pa.Table.from_pylist(stored, schema=ARROW_SCHEMA)
         header: dict[str, Any] = {
             "format": FORMAT,
@@ -291,7 +295,8 @@ def _content_id(header: dict[str, Any], stored_rows: list[dict[str, Any]]) -> st
     h.update(canonical_json(hashed).encode("utf-8"))
     for row in stored_rows:
         h.update(b"\n")
-        h.update(canonical_json([row[c] for c in COLUMNS]).encode("utf-8"))
+        # Stored rows are canonical already (written so, or checked by the schema on read).
+        h.update(dumps_canonical([row[c] for c in COLUMNS]).encode("utf-8"))
     return h.hexdigest()[:ID_LENGTH]
 
 
