@@ -26,7 +26,8 @@ from curate.manifest import Manifest, diff
 from curate.runner import Context, StageResult, default_jobs, make_params, run_stage
 from curate.workspace import Workspace
 
-stdout = Console(soft_wrap=True)
+# Wide tables when the output goes to a file or a pipe (rich would assume 80 columns).
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
@@ -70,11 +71,12 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
-def _show_results(results: list[StageResult], as_json: bool) -> None:
+def _show_results(results: list[StageResult], as_json: bool, dry_run: bool = False) -> None:
     if as_json:
-        _emit_json([r.summary() for r in results])
+        _emit_json([r.summary() | {"dry_run": dry_run} for r in results])
         return
-    table = Table(title="stages", title_justify="left")
+    title = "stages (dry run: nothing written)" if dry_run else "stages"
+    table = Table(title=title, title_justify="left")
     for col in ("stage", "manifest", "samples", "kept", "dropped here", "flagged here", "time"):
         table.add_column(col)
     for r in results:
@@ -171,10 +173,8 @@ def labels(manifest, threshold, tolerance, workspace, seed, jobs, as_json):
 
     values = {"threshold": threshold if threshold == "auto" else _int(threshold, "--threshold"),
               "tolerance": tolerance}
-    params = make_params(Labels, values)
-    with _context(workspace, seed, jobs, create=False) as ctx:
-        result = run_stage(Labels(), [ctx.workspace.load(manifest)], params, ctx)
-    _show_results([result], as_json)
+    _run_one(Labels(), manifest, make_params(Labels, values), workspace, seed, jobs, as_json,
+             dry_run=False)
 
 
 def _int(value: str, name: str) -> int:
@@ -201,6 +201,87 @@ def merge(manifests, workspace, seed, jobs, as_json):
         inputs = [ctx.workspace.load(ref) for ref in manifests]
         result = run_stage(Merge(), inputs, MergeParams(), ctx)
     _show_results([result], as_json)
+
+
+@cli.command()
+@click.argument("manifest", required=False)
+@click.option("--method", type=click.Choice(["phash", "dhash", "whash"]), default="phash",
+              show_default=True, help="Perceptual hash.")
+@click.option("--radius", type=click.IntRange(0, 32), default=10, show_default=True,
+              help="Largest Hamming distance (of 64 bits) between near duplicates.")
+@click.option("--transforms", type=click.Choice(["none", "flips", "dihedral"]), default="none",
+              show_default=True, help="Also match flipped (flips) or flipped and rotated "
+                                      "(dihedral) copies.")
+@click.option("--group-radius", type=click.IntRange(0, 32), default=None,
+              help="Distance that puts images in one split group  [default: --radius]")
+@click.option("--across-labels", is_flag=True,
+              help="Let samples with different labels be duplicates of each other.")
+@click.option("--dry-run", is_flag=True, help="Report what would be dropped; write nothing.")
+@common_options
+def dedup(manifest, method, radius, transforms, group_radius, across_labels, dry_run,
+          workspace, seed, jobs, as_json):
+    """Drop exact and near-duplicate images (perceptual hashes, exact sub-quadratic search).
+
+    Within each cluster of duplicates, the largest image is kept (then the sharpest, then
+    the first by path); the others are dropped naming the kept one and the distance. Every
+    sample also gets a group id (its near-duplicate component) for the train/test split.
+
+    \b
+    Example:
+      curate dedup --transforms flips --dry-run -w ws
+    """
+    from curate.stages.dedup import Dedup, cluster_summary
+
+    params = make_params(Dedup, {
+        "method": method, "radius": radius, "transforms": transforms,
+        "group_radius": radius if group_radius is None else group_radius,
+        "across_labels": across_labels})
+    result = _run_one(Dedup(), manifest, params, workspace, seed, jobs, as_json, dry_run)
+    if not as_json:
+        s = cluster_summary(result.manifest)
+        stdout.print(f"{s['clusters']} clusters of duplicates (largest {s['largest_cluster']}), "
+                     f"{s['groups']} groups of more than one sample (largest "
+                     f"{s['largest_group']})")
+
+
+@cli.command()
+@click.argument("manifest", required=False)
+@click.option("--min-side", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Smallest acceptable shorter side, in pixels.")
+@click.option("--blur-z", type=float, default=-3.0, show_default=True,
+              help="Drop when sharpness is this many robust deviations below the category's "
+                   "median.")
+@click.option("--max-clipped", type=click.FloatRange(0, 1, min_open=True), default=0.4,
+              show_default=True, help="Largest fraction of pixels at <= 5 or >= 250.")
+@click.option("--min-contrast", type=float, default=16.0, show_default=True,
+              help="Smallest 1st-to-99th percentile range of grey levels.")
+@click.option("--dry-run", is_flag=True, help="Report what would be dropped; write nothing.")
+@common_options
+def quality(manifest, min_side, blur_z, max_clipped, min_contrast, dry_run, workspace, seed,
+            jobs, as_json):
+    """Drop blurred, over- or under-exposed, low-contrast and too small images.
+
+    Every measured value is recorded; blur is judged against the category's own
+    distribution (robust z-score).
+
+    \b
+    Example:
+      curate quality --blur-z -3.5 --dry-run -w ws
+    """
+    from curate.stages.quality import Quality
+
+    params = make_params(Quality, {"min_side": min_side, "blur_z": blur_z,
+                                   "max_clipped": max_clipped, "min_contrast": min_contrast})
+    _run_one(Quality(), manifest, params, workspace, seed, jobs, as_json, dry_run)
+
+
+def _run_one(stage, manifest, params, workspace, seed, jobs, as_json, dry_run) -> StageResult:
+    """Run one single-input stage on MANIFEST and show the result (nothing saved if dry)."""
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        result = run_stage(stage, [ctx.workspace.load(manifest)], params, ctx,
+                           save=not dry_run)
+    _show_results([result], as_json, dry_run=dry_run)
+    return result
 
 
 # ------------------------------------------------------------------------------- manifest

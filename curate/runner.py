@@ -292,8 +292,13 @@ class StageResult:
         }
 
 
-def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context) -> StageResult:
-    """Run ``stage`` (or take its output from the cache), save the output, make it HEAD."""
+def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context, *,
+              save: bool = True) -> StageResult:
+    """Run ``stage`` (or take its output from the cache), save the output, make it HEAD.
+
+    With ``save=False`` (a dry run) the output is computed and returned, and nothing is written:
+    no manifest, no cache entry, HEAD unchanged.
+    """
     ws = ctx.workspace
     start = time.perf_counter()
     key = stage.cache_key(inputs, params, ctx)
@@ -306,9 +311,10 @@ def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context) -
         manifest = stage.run(inputs, params, ctx)
         from_cache = False
     elapsed = time.perf_counter() - start
-    ws.save(manifest, elapsed_s=elapsed, jobs=ctx.jobs, from_cache=from_cache)
-    if key and not from_cache:
-        ws.cache_store(key, manifest.id)
+    if save:
+        ws.save(manifest, elapsed_s=elapsed, jobs=ctx.jobs, from_cache=from_cache)
+        if key and not from_cache:
+            ws.cache_store(key, manifest.id)
     dropped, flagged = _notes_by(stage.name, manifest.rows())
     return StageResult(stage.name, manifest, from_cache, elapsed, dropped, flagged)
 

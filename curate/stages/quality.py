@@ -1,0 +1,122 @@
+"""quality: drop images too small, blurred, over- or under-exposed, or without contrast.
+
+Every check records its measured value (``measures``: ``quality.sharpness``, ``quality.blur_z``,
+``quality.dark_fraction``, ``quality.bright_fraction``, ``quality.contrast``) and, when it fails,
+a reason code whose detail gives the value and the limit:
+
+- ``too_small``: the shorter side is below ``min_side`` pixels;
+- ``blurry``: sharpness (variance of the Laplacian) is an outlier *within the sample's category*:
+  robust z-score of its log10, (x − median) / (1.4826 · MAD), below ``blur_z``. Sharpness
+  depends on content and scale, so a global threshold would flag whole smooth categories; the
+  category's own distribution does not. Categories with fewer than ``min_category`` samples
+  are not judged (no distribution to speak of);
+- ``underexposed`` / ``overexposed``: more than ``max_clipped`` of the pixels at or below
+  grey level 5 / at or above 250;
+- ``low_contrast``: the 1st-to-99th percentile range of grey levels is below ``min_contrast``.
+
+Defaults, measured on the real MTD (1,344 images; ``tests/test_quality.py`` checks them): the
+lowest blur z-score of an original is −2.8, while copies blurred with a Gaussian of σ = 2 score
+−5.0 or lower and σ = 1 mostly below −3.5: ``blur_z = −3`` flags no original and nearly every
+blurred copy. The most clipped original has 27% of its pixels at 250 or above (bright glare on
+a tile): ``max_clipped = 0.4``. The lowest contrast range is 46 grey levels:
+``min_contrast = 16``. The smallest side is 103 px: ``min_side = 64``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from curate.imageio import decode
+from curate.imagestats import exposure, sharpness
+from curate.manifest import KEPT, Manifest
+from curate.runner import Context, SampleEnv, Stage, apply_update
+
+
+@dataclass(frozen=True)
+class QualityParams:
+    min_side: int = 64
+    blur_z: float = -3.0
+    min_category: int = 8
+    max_clipped: float = 0.4
+    min_contrast: float = 16.0
+
+    def __post_init__(self):
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+        if not 0 < self.max_clipped <= 1:
+            raise ValueError(f"max_clipped must be in (0, 1], got {self.max_clipped}")
+        if self.min_category < 3:
+            raise ValueError(f"min_category must be >= 3, got {self.min_category}")
+
+
+def measure_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
+    """Decode (grey) and measure; the checks that need no other sample are made here."""
+    p: QualityParams = env.params
+    grey = decode(env.read_source(row), grayscale=True)
+    exp = exposure(grey)
+    measures = {"quality.sharpness": sharpness(grey),
+                "quality.dark_fraction": exp.dark_fraction,
+                "quality.bright_fraction": exp.bright_fraction,
+                "quality.contrast": exp.contrast}
+    drops = []
+    side = min(grey.shape)
+    if side < p.min_side:
+        drops.append(("too_small", f"{row['path']}: shorter side {side} px (limit "
+                      f"{p.min_side} px)"))
+    if exp.dark_fraction > p.max_clipped:
+        drops.append(("underexposed", f"{row['path']}: {exp.dark_fraction:.1%} of pixels at "
+                      f"grey level <= 5 (limit {p.max_clipped:.0%})"))
+    if exp.bright_fraction > p.max_clipped:
+        drops.append(("overexposed", f"{row['path']}: {exp.bright_fraction:.1%} of pixels at "
+                      f"grey level >= 250 (limit {p.max_clipped:.0%})"))
+    if exp.contrast < p.min_contrast:
+        drops.append(("low_contrast", f"{row['path']}: grey levels span {exp.contrast:.0f} "
+                      f"from 1st to 99th percentile (limit {p.min_contrast:g})"))
+    update: dict[str, Any] = {"measures": measures}
+    if drops:
+        update["drop"] = drops
+    return update
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x − median) / (1.4826 · MAD); zeros when the MAD is zero (no spread to judge by)."""
+    med = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - med))
+    return np.zeros_like(values) if mad == 0 else (values - med) / mad
+
+
+class Quality(Stage):
+    name = "quality"
+    version = "1"
+    Params = QualityParams
+
+    def run(self, inputs: list[Manifest], params: QualityParams, ctx: Context) -> Manifest:
+        (manifest,) = inputs
+        rows = manifest.row_list()
+        kept = [i for i, r in enumerate(rows) if r["status"] == KEPT]
+        env = ctx.env(self.name, params, manifest.roots)
+        updates = ctx.map(measure_sample, [rows[i] for i in kept], env, "quality")
+        # Blur is judged against the category's own distribution of sharpness.
+        by_category: dict[str, list[int]] = {}
+        for k, (i, update) in enumerate(zip(kept, updates, strict=True)):
+            if "measures" in update:
+                by_category.setdefault(rows[i]["category"], []).append(k)
+        for members in by_category.values():
+            if len(members) < params.min_category:
+                continue
+            logs = np.log10([max(updates[k]["measures"]["quality.sharpness"], 1e-6)
+                             for k in members])
+            for k, z in zip(members, robust_z(logs), strict=True):
+                update = updates[k]
+                update["measures"]["quality.blur_z"] = float(z)
+                if z < params.blur_z:
+                    value = update["measures"]["quality.sharpness"]
+                    update.setdefault("drop", []).append(("blurry", (
+                        f"{rows[kept[k]]['path']}: sharpness {value:.3g} is {abs(z):.1f} robust "
+                        f"deviations below its category's median (limit {params.blur_z:g})")))
+        for i, update in zip(kept, updates, strict=True):
+            rows[i] = apply_update(rows[i], update, self.name)
+        return self.output(manifest, rows, params, ctx)
