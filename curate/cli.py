@@ -216,9 +216,13 @@ def merge(manifests, workspace, seed, jobs, as_json):
               help="Distance that puts images in one split group  [default: --radius]")
 @click.option("--across-labels", is_flag=True,
               help="Let samples with different labels be duplicates of each other.")
+@click.option("--decode", type=click.Choice(["full", "reduced"]), default="full",
+              show_default=True,
+              help="full: hash exactly what imagehash hashes; reduced: decode JPEGs at 1/2-1/8 "
+                   "scale (faster, hashes a few bits off imagehash's).")
 @click.option("--dry-run", is_flag=True, help="Report what would be dropped; write nothing.")
 @common_options
-def dedup(manifest, method, radius, transforms, group_radius, across_labels, dry_run,
+def dedup(manifest, method, radius, transforms, group_radius, across_labels, decode, dry_run,
           workspace, seed, jobs, as_json):
     """Drop exact and near-duplicate images (perceptual hashes, exact sub-quadratic search).
 
@@ -235,7 +239,7 @@ def dedup(manifest, method, radius, transforms, group_radius, across_labels, dry
     params = make_params(Dedup, {
         "method": method, "radius": radius, "transforms": transforms,
         "group_radius": radius if group_radius is None else group_radius,
-        "across_labels": across_labels})
+        "across_labels": across_labels, "decode": decode})
     result = _run_one(Dedup(), manifest, params, workspace, seed, jobs, as_json, dry_run)
     if not as_json:
         s = cluster_summary(result.manifest)

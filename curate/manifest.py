@@ -119,9 +119,17 @@ def _canonical_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     if missing:
         raise ManifestError(f"sample {row.get('source')}:{row.get('path')} lacks the "
                             f"column(s) {', '.join(missing)}")
-    canon = canonicalize({name: row[name] for name in COLUMNS})
-    stored = {name: dumps_canonical(v) if name in JSON_COLUMNS else v
-              for name, v in canon.items()}
+    canon, stored = {}, {}
+    for name in COLUMNS:
+        value = row[name]
+        # Fast path for the common scalar columns; nested values go through canonicalize.
+        if value is None or type(value) is str or type(value) is int:
+            canon[name] = stored[name] = value
+        elif name in JSON_COLUMNS:
+            canon[name] = canonicalize(value)
+            stored[name] = dumps_canonical(canon[name])
+        else:
+            canon[name] = stored[name] = canonicalize(value)
     return canon, stored
 
 

@@ -98,14 +98,22 @@ def _whash(grey: Image.Image) -> int:
     return int(str(imagehash.whash(grey)), 16)
 
 
-def hashes(grey: Image.Image, method: str = "phash", transforms: str = "none") -> list[int]:
+def thumbnail(grey: Image.Image) -> np.ndarray:
+    """The 32x32 Lanczos thumbnail pHash is computed from (float, as imagehash has it)."""
+    if grey.mode != "L":
+        grey = grey.convert("L")
+    return np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+
+
+def hashes(grey: Image.Image, method: str = "phash", transforms: str = "none",
+           thumb: np.ndarray | None = None) -> list[int]:
     """The 64-bit hash of a grey (mode "L") image under each transform of the set, identity
-    first (see :func:`transform_names`)."""
+    first (see :func:`transform_names`). ``thumb``: its :func:`thumbnail`, if already made."""
     if grey.mode != "L":
         grey = grey.convert("L")
     names = transform_names(transforms)
     if method == "phash":
-        thumb = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+        thumb = thumbnail(grey) if thumb is None else thumb
         return [_phash_of_thumbnail(np.ascontiguousarray(TRANSFORMS[n](thumb))) for n in names]
     if method in ("dhash", "whash"):
         fn = _dhash if method == "dhash" else _whash
