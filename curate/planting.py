@@ -10,7 +10,8 @@ Kinds:
 - duplicates a dedup stage should find: ``copy`` (the same bytes), ``png`` (the same decoded
   pixels, re-encoded losslessly), ``jpeg`` (re-encoded at quality 60), ``resize`` (80%),
   ``brightness`` (+25 grey levels), ``contrast`` (x1.25 about the mean), ``crop`` (1% off each
-  side: pHash is crop-sensitive, 3% a side already moves some MTD images 12 bits), ``hflip``, ``vflip`` (found only with flip-aware matching);
+  side: pHash is crop-sensitive, 3% a side already moves some MTD images 12 bits), ``hflip``,
+  ``vflip`` (found only with flip-aware matching), ``rot90`` (only with dihedral matching);
 - degradations a quality stage should find: ``blur`` (Gaussian, sigma 2), ``overexposed``
   (+200), ``underexposed`` (x0.02), ``flat`` (contrast squashed to 6 grey levels),
   ``tiny`` (shorter side 40 px).
@@ -67,6 +68,7 @@ GEOMETRY: dict[str, Op] = {
     "crop": _crop,
     "hflip": lambda px, m: px[:, ::-1],
     "vflip": lambda px, m: px[::-1, :],
+    "rot90": lambda px, m: np.rot90(px),
     "tiny": _to_side(40),
 }
 TONE: dict[str, Op] = {
@@ -78,7 +80,7 @@ TONE: dict[str, Op] = {
     "blur": _blur,
 }
 DUPLICATE_KINDS = ("copy", "png", "jpeg", "resize", "brightness", "contrast", "crop", "hflip",
-                   "vflip")
+                   "vflip", "rot90")
 DEGRADATION_KINDS = ("blur", "overexposed", "underexposed", "flat", "tiny")
 
 

@@ -165,6 +165,23 @@ def test_reduced_decode_finds_the_planted_duplicates_too(tmp_path, planted):
     assert np.mean(together) >= 0.95  # measured on the benchmark's 1,050 copies: 99.3%
 
 
+def test_rotations_need_dihedral_and_whash_works_too(tmp_path, mtd_root):
+    root = tmp_path / "mtd"
+    originals = distinct(mtd_root, mtd_images(mtd_root, "Uneven"), 4)
+    pairs = write_planted_mtd(mtd_root, root, originals, ["rot90", "hflip", "jpeg"])
+    def status(**params):
+        rows = by_path(run_dedup(tmp_path, root, **params))
+        return {kind: sorted({rows[c]["measures"]["dedup.cluster"] ==
+                              rows[o]["measures"]["dedup.cluster"]
+                              if "dedup.cluster" in rows[c]["measures"] else False
+                              for o, c, k in pairs if k == kind})
+                for kind in ("rot90", "hflip", "jpeg")}
+    assert status(transforms="flips") == {"rot90": [False], "hflip": [True], "jpeg": [True]}
+    assert status(transforms="dihedral") == {"rot90": [True], "hflip": [True], "jpeg": [True]}
+    assert status(method="whash", transforms="dihedral") == \
+        {"rot90": [True], "hflip": [True], "jpeg": [True]}
+
+
 def test_exact_duplicates_by_bytes_and_by_pixels(tmp_path, mtd_root):
     root = tmp_path / "mtd"
     originals = distinct(mtd_root, mtd_images(mtd_root, "Break"), 3)
