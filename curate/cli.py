@@ -216,14 +216,16 @@ def merge(manifests, workspace, seed, jobs, as_json):
               help="Distance that puts images in one split group  [default: --radius]")
 @click.option("--across-labels", is_flag=True,
               help="Let samples with different labels be duplicates of each other.")
+@click.option("--keep-near", is_flag=True,
+              help="Only cluster and group near duplicates; drop exact duplicates alone.")
 @click.option("--decode", type=click.Choice(["full", "reduced"]), default="full",
               show_default=True,
               help="full: hash exactly what imagehash hashes; reduced: decode JPEGs at 1/2-1/8 "
                    "scale (faster, hashes a few bits off imagehash's).")
 @click.option("--dry-run", is_flag=True, help="Report what would be dropped; write nothing.")
 @common_options
-def dedup(manifest, method, radius, transforms, group_radius, across_labels, decode, dry_run,
-          workspace, seed, jobs, as_json):
+def dedup(manifest, method, radius, transforms, group_radius, across_labels, keep_near, decode,
+          dry_run, workspace, seed, jobs, as_json):
     """Drop exact and near-duplicate images (perceptual hashes, exact sub-quadratic search).
 
     Within each cluster of duplicates, the largest image is kept (then the sharpest, then
@@ -239,7 +241,7 @@ def dedup(manifest, method, radius, transforms, group_radius, across_labels, dec
     params = make_params(Dedup, {
         "method": method, "radius": radius, "transforms": transforms,
         "group_radius": radius if group_radius is None else group_radius,
-        "across_labels": across_labels, "decode": decode})
+        "across_labels": across_labels, "drop_near": not keep_near, "decode": decode})
     result = _run_one(Dedup(), manifest, params, workspace, seed, jobs, as_json, dry_run)
     if not as_json:
         s = cluster_summary(result.manifest)
@@ -286,6 +288,53 @@ def _run_one(stage, manifest, params, workspace, seed, jobs, as_json, dry_run) -
                            save=not dry_run)
     _show_results([result], as_json, dry_run=dry_run)
     return result
+
+
+@cli.command("build")
+@click.argument("recipe")
+@click.option("--sources", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding the downloaded sources (found by folder name or layout).")
+@click.option("--source", "explicit", multiple=True, metavar="KIND=PATH",
+              help="Where one source is, e.g. --source mtd=~/data/MTD (wins over --sources).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Export folder  [default: ./<recipe name>]")
+@click.option("--no-card", is_flag=True, help="Skip the dataset card.")
+@common_options
+def build_cmd(recipe, sources, explicit, out, no_card, workspace, seed, jobs, as_json):
+    """Build a dataset from a recipe: ingest, curate, split, export, card.
+
+    RECIPE is a built-in name (hss-iad) or a YAML file. Missing sources are reported and
+    skipped. Every stage is cached: rerun after a crash (or a changed parameter) and only
+    what is not done yet runs.
+
+    \b
+    Example:
+      curate build hss-iad --sources ~/downloads -w ws --out hss-iad
+    """
+    from curate.build import build, export_all
+    from curate.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    pairs = _parse_options(explicit)
+    with _context(workspace, r.seed if seed == 0 else seed, jobs) as ctx:
+        result = build(r, ctx, sources, {k: Path(str(v)).expanduser() for k, v in pairs.items()})
+        exports = export_all(result, r, ctx, out or Path(r.name), card=not no_card)
+    if as_json:
+        _emit_json({"recipe": r.name, "manifest": result.manifest.id, "sources": result.sources,
+                    "missing": result.missing, "stages": [s.summary() for s in result.stages],
+                    "exports": exports})
+        return
+    for kind, path in result.sources.items():
+        stdout.print(f"source {kind}: {path}", highlight=False)
+    for kind, why in result.missing.items():
+        stdout.print(f"[yellow]missing[/] {kind}: {why}", highlight=False)
+    _show_results(result.stages, as_json=False)
+    _show_export(exports["mvtec"], out or Path(r.name), as_json=False)
+    for fmt in ("realnet", "realiad"):
+        if fmt in exports:
+            stdout.print(f"{fmt} sample lists: {len(exports[fmt])} files")
+    if "card" in exports:
+        stdout.print(f"dataset card: {exports['card']}")
 
 
 # ------------------------------------------------------------------------------- manifest
@@ -486,12 +535,14 @@ DEFAULT_MTD = Path("../shared/data/mtd")
               show_default="number of CPUs, at most 8", help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def demo(out, mtd, no_mtd, seed, jobs, as_json):
-    """Build a small sample of every source layout (and the real MTD) end to end.
+    """Build HSS-IAD end to end on a small generated sample of every source (and the real MTD).
 
     Generates tiny datasets in the original layouts of KolektorSDD, KolektorSDD2, MTD,
-    Severstal, Casting and MVTec under OUT/sources, ingests each (the real MTD instead of the
-    generated one when found), merges, turns labels into masks, exports the MVTec layout to
-    OUT/export and verifies the result. The workspace is OUT/workspace.
+    Severstal and Casting under OUT/sources and runs `curate build hss-iad` on them (the real
+    MTD instead of the generated one when found): ingest, dedup, quality, foreground, labels,
+    label filter, casting reclassification, split; exports the MVTec layout, RealNet and
+    Real-IAD lists and the dataset card to OUT/export, and verifies the result. The
+    workspace is OUT/workspace.
 
     \b
     Example:
@@ -508,19 +559,56 @@ def demo(out, mtd, no_mtd, seed, jobs, as_json):
             result = run_demo(ctx, out, mtd=mtd.absolute() if mtd else None, seed=seed)
     except CurateError as exc:
         raise Failure(str(exc)) from exc
+    b = result.build
     if as_json:
-        _emit_json({"stages": [s.summary() for s in result.stages], "sources": result.sources,
-                    "export": {k: v for k, v in result.export.items() if k != "files"},
+        _emit_json({"manifest": b.manifest.id, "sources": b.sources, "missing": b.missing,
+                    "stages": [s.summary() for s in b.stages], "exports": b.exports,
                     "problems": result.problems})
     else:
-        _show_results(result.stages, as_json=False)
-        _show_export(result.export, out / "export", as_json=False)
+        _show_results(b.stages, as_json=False)
+        _show_export(b.exports["mvtec"], out / "export", as_json=False)
+        stdout.print(f"dataset card: {b.exports.get('card')}")
         verdict = "OK" if not result.problems else f"{len(result.problems)} problems"
         stdout.print(f"verify: {verdict}; workspace {out / 'workspace'}")
         for p in result.problems:
             stderr.print(f"[red]problem:[/] {p}", highlight=False)
     if result.problems:
         sys.exit(1)
+
+
+# ------------------------------------------------------------------------------- card
+@cli.command()
+@click.argument("manifest", required=False)
+@click.option("--export", "export_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="A folder written by `curate export mvtec`.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for card.md and its plots in card/  [default: the export folder]")
+@common_options
+def card(manifest, export_dir, out, workspace, seed, jobs, as_json):
+    """Write a dataset card (card.md, plots in card/) describing an export.
+
+    Images per category and split, defect areas and defect aspect ratios (as in Fig. 4 of
+    the HSS-IAD paper), what curation dropped or flagged and why, and every source's
+    licence and citation. MANIFEST is an id, a unique prefix or 'latest'; by default the
+    manifest the export was written from.
+
+    \b
+    Example:
+      curate card --export mtd-mvtec --workspace ws
+    """
+    from curate.export.report import read_report
+    from curate.report import write_card
+
+    ws = Workspace.open(workspace, create=False)
+    if manifest is None:
+        manifest = read_report(export_dir)["manifest"]
+    m = ws.load(manifest)
+    path = write_card(m, export_dir, ws.store, out)
+    if as_json:
+        _emit_json({"card": str(path), "manifest": m.id, "export": str(export_dir)})
+    else:
+        stdout.print(f"wrote the dataset card of manifest {m.id[:12]} to {path}")
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ class Drawn:
     #: Defect pixels per annotation class, for images with several classes (the labels
     #: stage stores these as ``mask:<class>``).
     class_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Castings only: the HSS-IAD class the scene was drawn as (C1, C2 or C3).
+    casting_class: str | None = None
 
 
 @dataclass
@@ -160,7 +162,7 @@ def _mask_png(mask: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- KolektorSDD
 def write_kolektorsdd(root: str | Path, *, seed: int = 0, folders: int = 3, parts: int = 4,
                       release: str = "fine") -> Fixture:
-    """``kosNN/PartN.jpg`` (grey JPEG, 20 px wide and 50-51 tall: KSDD's 500 x ~1250 aspect)
+    """``kosNN/PartN.jpg`` (grey JPEG, 64 px wide and 160-161 tall: KSDD's 500 x ~1250 aspect)
     with ``PartN_label.bmp`` masks; one defective part per folder. ``release="boxes"`` fills
     the defect's bounding rectangle, as the boxes release does."""
     if release not in ("fine", "boxes"):
@@ -170,7 +172,7 @@ def write_kolektorsdd(root: str | Path, *, seed: int = 0, folders: int = 3, part
     for k in range(1, folders + 1):
         defective = int(rng.integers(parts))
         for n in range(parts):
-            height, width = int(rng.integers(50, 52)), 20
+            height, width = int(rng.integers(160, 162)), 64
             mask = np.zeros((height, width), bool)
             if n == defective:
                 mask = _blob(rng, height, width)
@@ -189,14 +191,14 @@ def write_kolektorsdd(root: str | Path, *, seed: int = 0, folders: int = 3, part
 # --------------------------------------------------------------------------- KolektorSDD2
 def write_kolektorsdd2(root: str | Path, *, seed: int = 0, train: int = 4, test: int = 3
                        ) -> Fixture:
-    """``train|test/<id>.png`` (colour PNG, 24 x 64: KSDD2's ~230 x 630 aspect) with
+    """``train|test/<id>.png`` (colour PNG, 64 x 176: KSDD2's ~230 x 630 aspect) with
     ``<id>_GT.png`` masks; every other image is defective."""
     root, rng = Path(root), np.random.default_rng(seed)
     samples = {}
     ids = iter(range(10000, 10000 + train + test))
     for split, count in (("train", train), ("test", test)):
         for n in range(count):
-            height, width = 64, 24
+            height, width = 176, 64
             mask = _blob(rng, height, width) if n % 2 else np.zeros((height, width), bool)
             image = f"{split}/{next(ids)}.png"
             _write(root / image, encode_png(_darken(_texture(rng, height, width, 3), mask)))
@@ -211,13 +213,13 @@ MTD_CLASSES = ("Blowhole", "Crack", "Free")
 
 
 def write_mtd(root: str | Path, *, seed: int = 0, per_class: int = 3) -> Fixture:
-    """``MT_<class>/Imgs/<stem>.jpg`` (grey JPEG, 24-40 px a side, not square) with
+    """``MT_<class>/Imgs/<stem>.jpg`` (grey JPEG, 64-96 px a side, not square) with
     anti-aliased ``<stem>.png`` masks; ``MT_Free`` holds the good images (empty masks)."""
     root, rng = Path(root), np.random.default_rng(seed)
     samples = {}
     for cls in MTD_CLASSES:
         for n in range(per_class):
-            height, width = int(rng.integers(24, 41)), int(rng.integers(24, 41))
+            height, width = int(rng.integers(64, 97)), int(rng.integers(64, 97))
             mask = np.zeros((height, width), bool) if cls == "Free" else _blob(rng, height, width)
             stem = f"MT_{cls}/Imgs/exp{n % 3}_num_{1009 * n + 17}"
             _write(root / f"{stem}.jpg", _encode_jpeg(_darken(_texture(rng, height, width), mask)))
@@ -230,7 +232,7 @@ def write_mtd(root: str | Path, *, seed: int = 0, per_class: int = 3) -> Fixture
 #: Defect classes of each train image written, in order: two good, three single-class and
 #: one with two classes.
 SEVERSTAL_TRAIN = ((), (), ("1",), ("3",), ("4",), ("1", "3"))
-SEVERSTAL_SIZE = (32, 200)  # height, width: the real 256 x 1600 divided by 8
+SEVERSTAL_SIZE = (64, 400)  # height, width: the real 256 x 1600 divided by 4
 
 
 def _image_ids(rng: np.random.Generator, count: int) -> Iterator[str]:
@@ -288,7 +290,55 @@ def write_severstal(root: str | Path, *, seed: int = 0, csv_layout: str = "long"
 
 
 # --------------------------------------------------------------------------- casting
-CASTING_SIZE = (48, 64)  # height, width
+CASTING_SIZE = (144, 192)  # height, width
+CASTING_CLASSES = ("C1", "C2", "C3")
+
+
+def casting_scene(rng: np.random.Generator, cls: str, height: int, width: int) -> np.ndarray:
+    """A grey casting scene of HSS-IAD class ``cls`` (paper, III-A), drawn to be recognisable:
+
+    - C1: rough cast surface with one large, simple machined (bright, smooth, finely striped)
+      face, no threaded holes;
+    - C2: a machined face with several threaded holes (dark discs with thread rings);
+    - C3: cast surface cluttered with interference (oil stains, residues, marks), a small
+      machined patch at most, no more than one hole.
+    """
+    cast = cv2.GaussianBlur(rng.normal(95, 28, (height, width)).astype(np.float32), (0, 0), 0.8)
+    scene = cast.copy()
+
+    def machined(x0: int, y0: int, x1: int, y1: int) -> None:
+        stripes = 4 * np.sin(np.arange(x1 - x0, dtype=np.float32) / 1.3)[None, :]
+        scene[y0:y1, x0:x1] = 205 + stripes + rng.normal(0, 1.5, (y1 - y0, x1 - x0))
+
+    def hole(cx: int, cy: int, r: int) -> None:
+        canvas = np.zeros((height, width), np.uint8)
+        cv2.circle(canvas, (cx, cy), r, 255, -1)
+        scene[canvas > 0] = 35
+        for ring in range(r // 3, r, 3):  # the thread
+            cv2.circle(scene, (cx, cy), ring, 60, 1)
+
+    side = min(height, width)
+    if cls == "C1":
+        machined(width // 5, height // 5, 4 * width // 5, 4 * height // 5)
+    elif cls == "C2":
+        machined(width // 8, height // 8, 7 * width // 8, 7 * height // 8)
+        r = max(4, side // 12)
+        for k in range(4):
+            hole(width // 4 + (k % 2) * width // 2, height // 3 + (k // 2) * height // 3, r)
+    elif cls == "C3":
+        machined(width // 10, height // 10, width // 10 + width // 5, height // 10 + height // 6)
+        for _ in range(25):
+            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+            x1, y1 = x0 + int(rng.integers(-side // 3, side // 3)), y0 + int(rng.integers(-side // 3, side // 3))
+            cv2.line(scene, (x0, y0), (x1, y1), float(rng.uniform(30, 230)), int(rng.integers(1, 3)))
+        for _ in range(8):
+            centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+            axes = (int(rng.integers(3, side // 6)), int(rng.integers(3, side // 8)))
+            cv2.ellipse(scene, centre, axes, float(rng.uniform(0, 180)), 0, 360,
+                        float(rng.uniform(20, 240)), -1)
+    else:
+        raise ValueError(f"casting class must be one of {', '.join(CASTING_CLASSES)}")
+    return np.clip(scene, 0, 255).astype(np.uint8)
 
 
 def _voc_xml(name: str, height: int, width: int,
@@ -307,9 +357,11 @@ def _voc_xml(name: str, height: int, width: int,
 def write_casting(root: str | Path, *, seed: int = 0, format: str = "voc") -> Fixture:
     """Colour JPEG castings with box annotations in Pascal VOC, YOLO or COCO form.
 
-    Six images: one good with an empty annotation, one good with none at all, one with a
-    ``pit`` box, one with two ``pit`` boxes, one ``scratch``, and one ``combined`` (a ``pit``
-    box and a ``scratch``). Scratches are diamond polygons in YOLO and COCO and their
+    Nine images: one good with an empty annotation, one good with none at all, one with a
+    ``pit`` box, one with two ``pit`` boxes, one ``scratch``, one ``combined`` (a ``pit`` box
+    and a ``scratch``), and three more good ones. The scenes are drawn as HSS-IAD classes C1,
+    C2, C3, C1, … in turn (:func:`casting_scene`; ``Drawn.casting_class``), so that each class
+    has good and defective images. Scratches are diamond polygons in YOLO and COCO and their
     bounding boxes in VOC, which has no polygons.
 
     - voc: ``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml``, ``ImageSets/Main/trainval.txt``;
@@ -322,14 +374,15 @@ def write_casting(root: str | Path, *, seed: int = 0, format: str = "voc") -> Fi
     height, width = CASTING_SIZE
     names = ["pit", "scratch"]
     plan: list[tuple[str, ...] | None] = [(), None, ("pit",), ("pit", "pit"), ("scratch",),
-                                          ("pit", "scratch")]
+                                          ("pit", "scratch"), (), (), ()]
     image_dir = {"voc": "JPEGImages", "yolo": "images/train", "coco": "images"}[format]
     samples = {}
     coco = {"images": [], "annotations": [],
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
     for n, shapes in enumerate(plan):
         stem = f"cast_{n:04d}"
-        pixels = _texture(rng, height, width, 3)
+        scene_class = CASTING_CLASSES[n % len(CASTING_CLASSES)]
+        pixels = np.dstack([casting_scene(rng, scene_class, height, width)] * 3)
         union = np.zeros((height, width), bool)
         class_masks: dict[str, np.ndarray] = {}
         boxes: list[tuple[str, tuple[int, int, int, int]]] = []
@@ -349,7 +402,8 @@ def write_casting(root: str | Path, *, seed: int = 0, format: str = "voc") -> Fi
         classes = sorted(class_masks)
         label = "good" if not classes else classes[0] if len(classes) == 1 else "combined"
         samples[image] = Drawn(label, mask=union if classes else None,
-                               class_masks=class_masks if len(classes) > 1 else {})
+                               class_masks=class_masks if len(classes) > 1 else {},
+                               casting_class=scene_class)
         if format == "coco":
             coco["images"].append({"id": n + 1, "file_name": f"{stem}.jpg", "width": width,
                                    "height": height})

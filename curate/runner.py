@@ -211,11 +211,17 @@ class Stage(abc.ABC):
     def run(self, inputs: list[Manifest], params: Any, ctx: Context) -> Manifest:
         """Compute the output manifest from ``inputs`` (the runner saves and caches it)."""
 
+    def recorded_params(self, params: Any) -> dict[str, Any]:
+        """The parameters as the manifest header and the cache key record them. Stages whose
+        parameters name files override this to record the files' content hashes instead: the
+        output depends on what a file says, not on where it lies."""
+        return params_dict(params)
+
     def output(self, parent: Manifest, rows: list[dict[str, Any]], params: Any,
                ctx: Context) -> Manifest:
         """The child of ``parent`` with ``rows``, stamped with this stage and its parameters."""
         return parent.derive(rows, stage=self.name, stage_version=self.version,
-                             params=params_dict(params),
+                             params=self.recorded_params(params),
                              seed=ctx.seed if self.uses_seed else None)
 
     def cache_key(self, inputs: list[Manifest], params: Any, ctx: Context) -> str | None:
@@ -224,7 +230,7 @@ class Stage(abc.ABC):
             "inputs": [m.id for m in inputs],
             "stage": self.name,
             "version": self.version,
-            "params": params_dict(params),
+            "params": self.recorded_params(params),
             "seed": ctx.seed if self.uses_seed else None,
         })
 

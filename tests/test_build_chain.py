@@ -76,20 +76,23 @@ def test_export_names_are_unique_and_traceable():
     assert unique_names(twins) == ["one_x", "two_x"]
 
 
-def test_demo_builds_every_source_end_to_end(tmp_path):
+def test_demo_builds_all_seven_categories_from_generated_sources(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--no-mtd",
                                       "--json", "-j", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["problems"] == []
+    assert out["problems"] == [] and out["missing"] == {}
     ingested = {s["source"] for s in out["stages"] if s["stage"] == "ingest"}
-    assert ingested == {"kolektorsdd", "kolektorsdd2", "mtd", "severstal", "casting", "mvtec"}
-    categories = set(out["export"]["counts"])
-    assert {"KolektorSDD", "KolektorSDD2", "Magnetic-tile-defect", "STEEL",
-            "Casting"} <= categories
-    assert out["export"]["skipped"] == []
-    for category in categories:
-        assert (tmp_path / "demo" / "export" / category / "test" / "good").is_dir()
+    assert ingested == {"kolektorsdd", "kolektorsdd2", "mtd", "severstal", "casting"}
+    counts = out["exports"]["mvtec"]["counts"]
+    assert set(counts) == {"Casting_C1", "Casting_C2", "Casting_C3", "KolektorSDD",
+                           "KolektorSDD2", "Magnetic-tile-defect", "STEEL"}
+    for category, splits in counts.items():
+        assert splits["train"] == {"good": splits["train"]["good"]}, category  # normal only
+        assert any(label != "good" for label in splits["test"]), category
+    export = tmp_path / "demo" / "export"
+    assert (export / "card.md").is_file() and (export / "realnet").is_dir()
+    assert (export / "Casting_C1" / "foreground").is_dir()
 
 
 @pytest.mark.parametrize("name", ["sample", "header", "recipe"])

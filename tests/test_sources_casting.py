@@ -22,7 +22,7 @@ from helpers import (
 from curate.errors import CurateError
 from curate.fixtures import write_casting
 
-EXPECTED = {(None, "good"): 2, (None, "pit"): 2, (None, "scratch"): 1, (None, "combined"): 1}
+EXPECTED = {(None, "good"): 5, (None, "pit"): 2, (None, "scratch"): 1, (None, "combined"): 1}
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_yolo_labels_beside_images_and_class_names_from_classes_txt(ctx, workspa
 def test_yolo_without_class_names_uses_the_ids(ctx, yolo):
     (yolo.root / "data.yaml").unlink()
     m = ingest(ctx, "casting", yolo.root)
-    assert kept_counts(m) == {(None, "good"): 2, (None, "0"): 2, (None, "1"): 1,
+    assert kept_counts(m) == {(None, "good"): 5, (None, "0"): 2, (None, "1"): 1,
                               (None, "combined"): 1}
 
 
@@ -254,7 +254,7 @@ def test_coco_records_for_missing_files_and_unknown_images_are_rejected(ctx, coc
     coco_edit(coco, edit)
     rejected = reject_paths(ingest(ctx, "casting", coco.root))
     assert rejected == {
-        "annotations.json:images[6]": "file_name 'gone.jpg': no image at gone.jpg, "
+        "annotations.json:images[9]": "file_name 'gone.jpg': no image at gone.jpg, "
                                       "images/gone.jpg",
         "annotations.json:annotations[6]": "image_id 123 names no usable image record"}
 

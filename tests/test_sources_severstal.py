@@ -114,7 +114,7 @@ def test_wide_layout_line_without_class_suffix_is_rejected(ctx, steel):
 @pytest.mark.parametrize(("counts", "code"), [
     ("1 2 3", "bad_rle"),  # an odd number of values
     ("1 x", "bad_rle"),
-    ("6390 20", "rle_out_of_bounds"),  # past pixel 32 x 200 = 6400
+    ("25590 20", "rle_out_of_bounds"),  # past pixel 64 x 400 = 25600
 ])
 def test_bad_rle_is_dropped_by_labels_naming_the_csv(ctx, steel, counts, code):
     image = ids(steel)[0]

@@ -4,6 +4,7 @@
     <out>/<Category>/test/good/<name>.png
     <out>/<Category>/test/<defect>/<name>.png
     <out>/<Category>/ground_truth/<defect>/<name>_mask.png
+    <out>/<Category>/foreground/<split>/<label>/<name>.png   when the foreground stage ran
     <out>/curate-export.json      which manifest, and which sample each file came from
 
 Kept samples only. A sample goes to its ``split`` (``test`` while no split has been assigned).
@@ -93,6 +94,8 @@ def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
             job["export_image"] = f"{category}/{split}/{label}/{name}{ext}"
             job["export_mask"] = (f"{category}/ground_truth/{label}/{name}_mask.png"
                                   if label != GOOD else None)
+            job["export_foreground"] = (f"{category}/foreground/{split}/{label}/{name}.png"
+                                        if "foreground" in row["artifacts"] else None)
             jobs.append(job)
     return jobs
 
@@ -111,6 +114,10 @@ def export_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         # The store already holds the mask as a 0/255 PNG: copy it, no need to re-encode.
         shutil.copyfile(env.store.path(job["artifacts"]["mask"]), out / job["export_mask"])
         written["mask"] = job["export_mask"]
+    if job["export_foreground"] is not None:
+        shutil.copyfile(env.store.path(job["artifacts"]["foreground"]),
+                        out / job["export_foreground"])
+        written["foreground"] = job["export_foreground"]
     return written
 
 
@@ -134,7 +141,7 @@ def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
     tmp.mkdir()
     try:
         folders = {str(PurePosixPath(j[k]).parent) for j in jobs
-                   for k in ("export_image", "export_mask") if j[k]}
+                   for k in ("export_image", "export_mask", "export_foreground") if j[k]}
         for folder in sorted(folders):
             (tmp / folder).mkdir(parents=True, exist_ok=True)
         env = ctx.env("export", ExportParams(out=str(tmp), images=images), manifest.roots)
@@ -165,6 +172,7 @@ def _report(manifest: Manifest, jobs: list[dict], results: list[dict], images: s
         category, split, label = res["image"].split("/")[:3]
         counts[(category, split, label)] += 1
         files.append({"file": res["image"], "mask": res.get("mask"),
+                      "foreground": res.get("foreground"),
                       "sample_id": job["sample_id"], "source": job["source"],
                       "path": job["path"], "sha256": job["sha256"]})
     tree: dict[str, dict[str, dict[str, int]]] = {}

@@ -33,6 +33,10 @@ re-encoding a JPEG can *raise* measured sharpness, with new block artefacts, so 
 of a re-encoded pair is not always the original; the rule is the documented one, not a guess
 at provenance.)
 
+With ``drop_near=False`` near duplicates are clustered and grouped but not dropped (only exact
+duplicates are): for data whose near duplicates are wanted variation, such as MTD's series of
+one tile under several exposures, which must only stay on one side of the split.
+
 Groups: every sample also gets a ``group`` id, the connected component over a looser relation —
 all near-duplicate edges up to ``group_radius`` whatever the labels, plus exact duplicates — so
 that the split stage can keep the same object (another exposure of the same tile, say) on one
@@ -71,6 +75,9 @@ class DedupParams:
     group_radius: int = 12
     #: Let samples with different labels be duplicates of each other (off: see above).
     across_labels: bool = False
+    #: Drop near duplicates (True), or only cluster and group them, dropping exact duplicates
+    #: alone (False: e.g. MTD's exposure series, which are to stay together, not to go).
+    drop_near: bool = True
     #: "full": hash exactly what imagehash hashes; "reduced": hash a JPEG decoded at 1/2-1/8
     #: scale (about 1.5x faster, hashes a median 2 bits off imagehash's; see the module doc).
     decode: str = "full"
@@ -298,7 +305,7 @@ def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str
                 continue
             settled.add(keeper)
             for k in neighbours[keeper]:
-                if k not in settled:
+                if k not in settled and (params.drop_near or exact_of[k] == exact_of[keeper]):
                     settled.add(k)
                     updates[members[k]]["drop"] = [_duplicate_reason(
                         rows, members, exact_of, hashes, names, k, keeper, params)]

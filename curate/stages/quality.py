@@ -8,8 +8,10 @@ a reason code whose detail gives the value and the limit:
 - ``blurry``: sharpness (variance of the Laplacian) is an outlier *within the sample's category*:
   robust z-score of its log10, (x − median) / (1.4826 · MAD), below ``blur_z``. Sharpness
   depends on content and scale, so a global threshold would flag whole smooth categories; the
-  category's own distribution does not. Categories with fewer than ``min_category`` samples
-  are not judged (no distribution to speak of);
+  category's own distribution does not. Categories with fewer than ``min_category`` (30)
+  samples are not judged: a median and a MAD of fewer images are no distribution to speak of,
+  and a small category mixing kinds of scene (Casting before reclassification) would lose
+  its smoothest kind;
 - ``underexposed`` / ``overexposed``: more than ``max_clipped`` of the pixels at or below
   grey level 5 / at or above 250;
 - ``low_contrast``: the 1st-to-99th percentile range of grey levels is below ``min_contrast``.
@@ -39,7 +41,7 @@ from curate.runner import Context, SampleEnv, Stage, apply_update
 class QualityParams:
     min_side: int = 64
     blur_z: float = -3.0
-    min_category: int = 8
+    min_category: int = 30
     max_clipped: float = 0.4
     min_contrast: float = 16.0
 

@@ -1,0 +1,99 @@
+"""Running a recipe: find the sources, ingest, merge, run the stages in order, export.
+
+Every step goes through the runner's cache, so a build is resumable for free: killed halfway
+(even with ``kill -9``), it reruns every finished stage from the cache and redoes only the
+rest, ending with the same final manifest id as an uninterrupted run; changing one late
+stage's parameters reruns that stage and those after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curate.errors import CurateError
+from curate.manifest import Manifest
+from curate.recipe import Recipe
+from curate.runner import Context, StageResult, run_stage
+from curate.sources.discover import discover
+from curate.stages import stage_class
+from curate.stages.ingest import Ingest, IngestParams
+from curate.stages.merge import Merge, MergeParams
+
+
+@dataclass
+class BuildResult:
+    recipe: str
+    stages: list[StageResult]
+    sources: dict[str, str]
+    missing: dict[str, str]
+    exports: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.stages[-1].manifest
+
+
+def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
+          explicit: dict[str, Path] | None = None) -> BuildResult:
+    """Ingest the recipe's sources found under ``sources_dir`` and run its stages."""
+    explicit = {k: Path(v).absolute() for k, v in (explicit or {}).items()}
+    unknown = sorted(set(explicit) - {s.kind for s in recipe.sources})
+    if unknown:
+        raise CurateError(f"--source names {', '.join(unknown)}, which recipe {recipe.name} "
+                          f"does not use (it uses {', '.join(s.kind for s in recipe.sources)})")
+    found, missing = discover(sources_dir,
+                              [s.kind for s in recipe.sources],
+                              {s.kind: s.folder_names for s in recipe.sources if s.folder_names},
+                              explicit)
+    required = [s.kind for s in recipe.sources if s.required and s.kind in missing]
+    if required:
+        raise CurateError(f"recipe {recipe.name} requires {', '.join(required)}: "
+                          f"{missing[required[0]]}")
+    if not found:
+        where = sources_dir if sources_dir else "(no --sources folder given)"
+        raise CurateError(f"none of the sources of recipe {recipe.name} was found in {where}: "
+                          + "; ".join(f"{k}: {why}" for k, why in missing.items()))
+
+    results: list[StageResult] = []
+    for source in recipe.sources:
+        if source.kind not in found:
+            continue
+        options = dict(source.options)
+        if source.category:
+            options["category"] = source.category
+        params = IngestParams(kind=source.kind, source=source.name, options=options)
+        results.append(run_stage(Ingest(found[source.kind]), [], params, ctx))
+    ingested = [r.manifest for r in results]
+    if len(ingested) > 1:
+        results.append(run_stage(Merge(), ingested, MergeParams(), ctx))
+    for step in recipe.stages:
+        results.append(run_stage(stage_class(step.stage)(), [results[-1].manifest],
+                                 step.params, ctx))
+    return BuildResult(recipe.name, results, {k: str(v) for k, v in found.items()}, missing)
+
+
+def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
+               card: bool = True) -> dict[str, Any]:
+    """The recipe's exports of the final manifest into ``out`` (MVTec tree first: the sample
+    lists point into it), then the dataset card beside it."""
+    from curate.export.mvtec import export_mvtec
+
+    exports: dict[str, Any] = {}
+    report = export_mvtec(result.manifest, out, ctx, overwrite=True)
+    exports["mvtec"] = {k: v for k, v in report.items() if k != "files"}
+    if "realnet" in recipe.exports:
+        from curate.export.realnet import export_realnet
+
+        exports["realnet"] = [str(p) for p in export_realnet(out)]
+    if "realiad" in recipe.exports:
+        from curate.export.realiad import export_realiad
+
+        exports["realiad"] = [str(p) for p in export_realiad(out)]
+    if card:
+        from curate.report import write_card
+
+        exports["card"] = str(write_card(result.manifest, out, ctx.workspace.store))
+    result.exports = exports
+    return exports

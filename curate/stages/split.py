@@ -1,0 +1,99 @@
+"""split: train / test per category, the way unsupervised anomaly detection needs it.
+
+- Train holds normal (``good``) images only; test holds normal and anomalous images.
+- Every anomalous image goes to test — including those a source filed under its own training
+  split (KolektorSDD2's train folder has defective images): they are flagged
+  ``misfiled_anomaly`` (the paper's "misfiled samples") so the move is visible.
+- Groups never straddle the split: all samples of one ``group`` (set by dedup: near duplicates,
+  the same object under another exposure) go to the same side. A group with an anomalous
+  member goes to test whole.
+- Of the normal images, ``test_fraction`` go to test, chosen per category by whole groups in an
+  order fixed by the seed (a hash of seed, category and group id, so neither the input order
+  nor ``--jobs`` matters): groups are taken in that order until the normal test images reach
+  the target count (rounded to the nearest image; a group is taken only if that brings the
+  count closer to the target).
+- Samples flagged ``hard_normal`` (normal images that look anomalous, HSS-IAD III-A) go to test.
+
+Every kept sample gets ``split``; dropped samples keep none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from curate.manifest import KEPT, Manifest
+from curate.runner import Context, Stage, apply_update
+from curate.sources.base import GOOD
+
+HARD_NORMAL = "hard_normal"
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    test_fraction: float = 0.2
+
+    def __post_init__(self):
+        if not 0 <= self.test_fraction <= 1:
+            raise ValueError(f"test_fraction must be in [0, 1], got {self.test_fraction}")
+
+
+def _order(seed: int, category: str, group: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{category}\x00{group}".encode()).hexdigest()
+
+
+def assign(rows: list[dict[str, Any]], test_fraction: float, seed: int
+           ) -> dict[int, tuple[str, list[tuple[str, str]]]]:
+    """Row index -> (split, flags) for the kept rows of ``rows``."""
+    out: dict[int, tuple[str, list[tuple[str, str]]]] = {}
+    by_category: dict[str, dict[str, list[int]]] = {}
+    for i, row in enumerate(rows):
+        if row["status"] == KEPT:
+            group = row["group"] or row["sample_id"]
+            by_category.setdefault(row["category"], {}).setdefault(group, []).append(i)
+    for category, groups in sorted(by_category.items()):
+        normal_groups = []
+        for group, members in groups.items():
+            must_test = any(rows[i]["label"] != GOOD or
+                            any(f["code"] == HARD_NORMAL for f in rows[i]["flags"])
+                            for i in members)
+            if must_test:
+                for i in members:
+                    out[i] = ("test", _misfiled(rows[i]))
+            else:
+                normal_groups.append(group)
+        normals = sum(len(groups[g]) for g in normal_groups)
+        target = round(test_fraction * normals)
+        taken = 0
+        for group in sorted(normal_groups, key=lambda g: _order(seed, category, g)):
+            size = len(groups[group])
+            to_test = taken < target and abs(taken + size - target) <= abs(taken - target)
+            taken += size if to_test else 0
+            for i in groups[group]:
+                out[i] = ("test" if to_test else "train", [])
+    return out
+
+
+def _misfiled(row: dict[str, Any]) -> list[tuple[str, str]]:
+    if row["label"] != GOOD and row["source_split"] == "train":
+        return [("misfiled_anomaly", f"{row['path']}: labelled {row['label']!r} in the "
+                                     "source's training split; moved to test")]
+    return []
+
+
+class Split(Stage):
+    name = "split"
+    version = "1"
+    Params = SplitParams
+    uses_seed = True
+
+    def run(self, inputs: list[Manifest], params: SplitParams, ctx: Context) -> Manifest:
+        (manifest,) = inputs
+        rows = manifest.row_list()
+        for i, (split, flags) in assign(rows, params.test_fraction, ctx.seed).items():
+            update: dict[str, Any] = {"split": split}
+            if flags:
+                update["flags"] = flags
+            rows[i] = apply_update(rows[i], update, self.name)
+        return self.output(manifest, rows, params, ctx)

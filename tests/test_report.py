@@ -1,0 +1,187 @@
+"""The dataset card: counts, plots, aspect ratios, determinism, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import ingest, labels
+from PIL import Image
+
+from curate import fixtures
+from curate.cli import cli
+from curate.errors import CurateError
+from curate.export.mvtec import export_mvtec
+from curate.manifest import KEPT, Manifest, drop
+from curate.report import (
+    AREA_FIGURE,
+    ASPECT_FIGURE,
+    COUNTS_FIGURE,
+    FIGURES_DIR,
+    region_aspect_ratios,
+    write_card,
+)
+from curate.runner import Context, run_stage
+from curate.stages.merge import Merge, MergeParams
+from curate.workspace import Workspace
+
+KINDS = ("kolektorsdd", "mtd", "severstal", "mvtec")
+
+
+@dataclass
+class Built:
+    workspace: Workspace
+    unlabelled: Manifest  # merged sources, no masks yet
+    manifest: Manifest  # labelled, split as the sources split it
+    export: Path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    """Generated sources -> ingest -> merge -> labels -> source splits -> MVTec export."""
+    root = tmp_path_factory.mktemp("card")
+    sources = fixtures.write_all(root / "sources", seed=0)
+    workspace = Workspace.open(root / "ws")
+    with Context(workspace, jobs=1, progress=False) as ctx:
+        merged = run_stage(Merge(), [ingest(ctx, kind, sources[kind]) for kind in KINDS],
+                           MergeParams(), ctx).manifest
+        labelled = labels(ctx, merged)
+        # The sources' own train/test split, so that the card has train samples to count.
+        rows = [r | {"split": r["source_split"] if r["source_split"] in ("train", "test")
+                     else None} for r in labelled.rows()]
+        split = labelled.derive(rows, stage="source_split", stage_version="1")
+        workspace.save(split)
+        export_mvtec(split, root / "export", ctx)
+    return Built(workspace, merged, split, root / "export")
+
+
+def section(card: str, title: str) -> str:
+    return card.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for each body row of the Markdown tables in ``text``."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_counts_table_has_a_row_per_category_matching_the_manifest(built, tmp_path):
+    card = write_card(built.manifest, built.export, built.workspace.store, tmp_path).read_text()
+    expected: dict[str, Counter] = {}
+    for row in built.manifest.rows():
+        counts = expected.setdefault(row["category"], Counter())
+        if row["status"] == KEPT:
+            kind = "normal" if row["label"] == "good" else "anomalous"
+            counts[(row["split"] or "test", kind)] += 1
+    rows = table_rows(section(card, "Images per category"))
+    assert set(rows) == set(expected) | {"category", "**all**"}
+    for category, counts in expected.items():
+        numbers = [int(v) for v in rows[category][:5]]
+        assert numbers == [counts[("train", "normal")], counts[("train", "anomalous")],
+                           counts[("test", "normal")], counts[("test", "anomalous")],
+                           counts.total()], category
+    assert sum(int(rows[c][0]) for c in expected) > 0  # the train columns are exercised
+    assert int(rows["**all**"][4]) == built.manifest.header["counts"]["kept"]
+
+
+def test_figures_are_written_as_readable_pngs(built, tmp_path):
+    card = write_card(built.manifest, built.export, built.workspace.store, tmp_path).read_text()
+    for name in (COUNTS_FIGURE, AREA_FIGURE, ASPECT_FIGURE):
+        assert f"]({FIGURES_DIR}/{name})" in card
+        with Image.open(tmp_path / FIGURES_DIR / name) as image:
+            assert image.format == "PNG"
+            image.load()  # decodes every pixel: a truncated file fails here
+            assert image.width >= 600 and image.height >= 400
+
+
+def test_card_defaults_to_the_export_folder_and_is_byte_identical_when_rewritten(built):
+    first = write_card(built.manifest, built.export, built.workspace.store)
+    assert first == built.export / "card.md"
+    files = sorted([first, *(built.export / FIGURES_DIR).glob("*.png")])
+    before = {f: f.read_bytes() for f in files}
+    write_card(built.manifest, built.export, built.workspace.store)
+    assert {f: f.read_bytes() for f in files} == before
+
+
+def test_aspect_ratio_of_two_known_rectangles():
+    mask = np.zeros((40, 60), bool)
+    mask[2:6, 3:13] = True  # 10 wide, 4 tall
+    mask[20:38, 40:46] = True  # 6 wide, 18 tall
+    assert region_aspect_ratios(mask) == pytest.approx([2.5, 3.0])
+
+
+def test_aspect_ratio_of_thin_tilted_and_empty_regions():
+    line = np.zeros((10, 10), bool)
+    line[4, 1:8] = True  # a one-pixel scratch, 7 long
+    assert region_aspect_ratios(line) == pytest.approx([7.0])
+    diagonal = np.eye(12, dtype=bool)  # 8-connected: one region, tilted 45 degrees
+    (ratio,) = region_aspect_ratios(diagonal)
+    assert ratio > 5  # a box around it upright would say 1
+    assert region_aspect_ratios(np.zeros((5, 5), bool)) == []
+
+
+def test_samples_without_defects_or_masks_say_none(built, tmp_path):
+    store = built.workspace.store
+    goods = [r for r in built.manifest.rows() if r["label"] == "good"]
+    no_defects = built.manifest.derive(goods, stage="goods_only", stage_version="1")
+    card = write_card(no_defects, built.export, store, tmp_path / "goods").read_text()
+    assert section(card, "Defect area").strip().endswith("none: no kept defective samples.")
+    assert section(card, "Defect aspect ratios").strip().endswith(
+        "none: no kept defective samples.")
+    assert not (tmp_path / "goods" / FIGURES_DIR / AREA_FIGURE).exists()
+
+    card = write_card(built.unlabelled, built.export, store, tmp_path / "unlabelled").read_text()
+    assert "none: no defect regions in the masks." in card
+    assert not (tmp_path / "unlabelled" / FIGURES_DIR / ASPECT_FIGURE).exists()
+
+
+def test_emptied_category_and_curation_notes(built, tmp_path):
+    rows = built.manifest.row_list()
+    emptied = rows[0]["category"]
+    for row in rows:
+        if row["category"] == emptied:
+            drop(row, "review", "rejected", f"{row['path']}: rejected in review")
+    manifest = built.manifest.derive(rows, stage="review", stage_version="1")
+    card = write_card(manifest, built.export, built.workspace.store, tmp_path).read_text()
+    assert table_rows(section(card, "Images per category"))[emptied][:5] == ["0"] * 5
+    curation = table_rows(section(card, "Curation"))
+    assert curation["dropped"][:3] == ["review", "`rejected`",
+                                       str(sum(r["category"] == emptied for r in rows))]
+    assert "**Warning:** the export was written from manifest" in card
+
+
+def test_sources_section_names_licence_and_citation(built, tmp_path):
+    card = write_card(built.manifest, built.export, built.workspace.store, tmp_path).read_text()
+    sources = table_rows(section(card, "Sources"))
+    assert set(sources) == {"source", *KINDS}
+    assert sources["kolektorsdd"][3] == "CC BY-NC-SA 4.0"
+    assert "Tabernik" in sources["kolektorsdd"][4]
+
+
+def test_missing_export_report_is_a_curate_error(built, tmp_path):
+    with pytest.raises(CurateError, match="curate-export.json"):
+        write_card(built.manifest, tmp_path, built.workspace.store)
+
+
+def test_cli_writes_the_card_and_prints_its_path(built, tmp_path):
+    args = ["card", "--export", str(built.export), "--out", str(tmp_path / "out"),
+            "-w", str(built.workspace.root)]
+    result = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert Path(printed["card"]) == tmp_path / "out" / "card.md"
+    assert printed["manifest"] == built.manifest.id
+    assert Path(printed["card"]).is_file()
+
+    result = CliRunner().invoke(cli, [*args[:2], str(tmp_path), *args[3:]])
+    assert result.exit_code == 1
+    assert "curate-export.json" in result.output
