@@ -83,6 +83,8 @@ def test_robust_z():
     z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
     assert z[2] == 0 and z[4] > 30
     assert robust_z(np.array([5.0, 5.0, 5.0])).tolist() == [0, 0, 0]
+    tied = robust_z(np.array([1.0, 1.0, 1.0, 2.0, 9.0]))  # MAD 0: mean deviation stands in
+    assert tied[0] == 0 and tied[4] > 3
 
 
 def test_bad_parameters_are_refused():

@@ -84,10 +84,15 @@ def measure_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
-    """(x − median) / (1.4826 · MAD); zeros when the MAD is zero (no spread to judge by)."""
+    """(x − median) / (1.4826 · MAD). When more than half the values are equal the MAD is 0;
+    then the mean absolute deviation (x 1.2533, its consistency constant) stands in, as in
+    Iglewicz and Hoaglin's modified z-score; zeros when that is 0 too (no spread at all)."""
+    values = np.asarray(values, dtype=np.float64)
     med = np.median(values)
-    mad = 1.4826 * np.median(np.abs(values - med))
-    return np.zeros_like(values) if mad == 0 else (values - med) / mad
+    spread = 1.4826 * np.median(np.abs(values - med))
+    if spread == 0:
+        spread = 1.2533 * float(np.mean(np.abs(values - med)))
+    return np.zeros_like(values) if spread == 0 else (values - med) / spread
 
 
 class Quality(Stage):

@@ -9,9 +9,11 @@
   member goes to test whole.
 - Of the normal images, ``test_fraction`` go to test, chosen per category by whole groups in an
   order fixed by the seed (a hash of seed, category and group id, so neither the input order
-  nor ``--jobs`` matters): groups are taken in that order until the normal test images reach
-  the target count (rounded to the nearest image; a group is taken only if that brings the
-  count closer to the target).
+  nor ``--jobs`` matters): groups are taken in that order until the category's normal test
+  images reach the target count (rounded to the nearest image; a group is taken only if that
+  brings the count closer to the target). Normal images already bound for test (their group
+  holds an anomaly) count towards it. A group spanning categories goes where the first of its
+  categories, in name order, sends it.
 - Samples flagged ``hard_normal`` (normal images that look anomalous, HSS-IAD III-A) go to test.
 
 Every kept sample gets ``split``; dropped samples keep none.
@@ -47,31 +49,38 @@ def assign(rows: list[dict[str, Any]], test_fraction: float, seed: int
            ) -> dict[int, tuple[str, list[tuple[str, str]]]]:
     """Row index -> (split, flags) for the kept rows of ``rows``."""
     out: dict[int, tuple[str, list[tuple[str, str]]]] = {}
-    by_category: dict[str, dict[str, list[int]]] = {}
+    members: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         if row["status"] == KEPT:
-            group = row["group"] or row["sample_id"]
-            by_category.setdefault(row["category"], {}).setdefault(group, []).append(i)
+            members.setdefault(row["group"] or row["sample_id"], []).append(i)
+    # A group goes to one side whole, even when it spans categories (the same picture filed
+    # twice): anything anomalous in it sends all of it to test; otherwise the first category
+    # (in name order) to reach it decides, and the others follow and count it in their quota.
+    side: dict[str, str] = {}
+    for group, idx in members.items():
+        if any(rows[i]["label"] != GOOD or any(f["code"] == HARD_NORMAL for f in rows[i]["flags"])
+               for i in idx):
+            side[group] = "test"
+    by_category: dict[str, dict[str, list[int]]] = {}
+    for group, idx in members.items():
+        for i in idx:
+            by_category.setdefault(rows[i]["category"], {}).setdefault(group, []).append(i)
     for category, groups in sorted(by_category.items()):
-        normal_groups = []
-        for group, members in groups.items():
-            must_test = any(rows[i]["label"] != GOOD or
-                            any(f["code"] == HARD_NORMAL for f in rows[i]["flags"])
-                            for i in members)
-            if must_test:
-                for i in members:
-                    out[i] = ("test", _misfiled(rows[i]))
-            else:
-                normal_groups.append(group)
-        normals = sum(len(groups[g]) for g in normal_groups)
-        target = round(test_fraction * normals)
-        taken = 0
-        for group in sorted(normal_groups, key=lambda g: _order(seed, category, g)):
-            size = len(groups[group])
+        # The category's normal images, and those of them already bound for test (their group
+        # holds an anomaly or a hard normal, or another category sent it there).
+        good = {g: sum(rows[i]["label"] == GOOD for i in idx) for g, idx in groups.items()}
+        target = round(test_fraction * sum(good.values()))
+        taken = sum(n for g, n in good.items() if side.get(g) == "test")
+        for group in sorted(groups, key=lambda g: _order(seed, category, g)):
+            if group in side:
+                continue
+            size = good[group]
             to_test = taken < target and abs(taken + size - target) <= abs(taken - target)
             taken += size if to_test else 0
-            for i in groups[group]:
-                out[i] = ("test" if to_test else "train", [])
+            side[group] = "test" if to_test else "train"
+    for group, idx in members.items():
+        for i in idx:
+            out[i] = (side[group], _misfiled(rows[i]) if side[group] == "test" else [])
     return out
 
 
