@@ -100,24 +100,36 @@ def _isnet(weights: str, device: str):
     return isnet.load_isnet(weights).to(device)
 
 
+@cache
+def _whole_frame(store_root: str, height: int, width: int) -> str:
+    """Store key of an all-foreground mask of this size (one per size, not one per image)."""
+    from curate.store import Store
+
+    return Store(store_root).put_mask(np.ones((height, width), bool))
+
+
 def foreground_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     p: ForegroundParams = env.params
-    pixels = decode(env.read_source(row))
-    if p.backend == "isnet":
-        from curate import isnet
-
-        prob = isnet.foreground_probability(_isnet(p.weights, p.device), pixels, size=p.size,
-                                            device=p.device)
-        mask, confidence = prob > 0.5, isnet.confidence(prob)
-    elif p.policy.get(row["category"], p.default_policy) == OBJECT:
-        grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[..., :3], cv2.COLOR_RGB2GRAY)
-        mask, confidence = otsu_foreground(grey)
+    if p.backend == "classical" and p.policy.get(row["category"], p.default_policy) == TEXTURE:
+        # A surface fills the frame: the mask is the whole image, no need to decode it.
+        key, fraction, confidence = _whole_frame(env.store_root, row["height"], row["width"]), \
+            1.0, 1.0
     else:
-        mask, confidence = np.ones(pixels.shape[:2], bool), 1.0
+        pixels = decode(env.read_source(row))
+        if p.backend == "isnet":
+            from curate import isnet
+
+            prob = isnet.foreground_probability(_isnet(p.weights, p.device), pixels,
+                                                size=p.size, device=p.device)
+            mask, confidence = prob > 0.5, isnet.confidence(prob)
+        else:
+            grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[..., :3],
+                                                                cv2.COLOR_RGB2GRAY)
+            mask, confidence = otsu_foreground(grey)
+        key, fraction = env.store.put_mask(mask), float(mask.mean())
     update: dict[str, Any] = {
-        "artifacts": {"foreground": env.store.put_mask(mask)},
-        "measures": {"foreground.fraction": float(mask.mean()),
-                     "foreground.confidence": confidence},
+        "artifacts": {"foreground": key},
+        "measures": {"foreground.fraction": fraction, "foreground.confidence": confidence},
     }
     if confidence < p.min_confidence:
         update["flags"] = [("foreground_uncertain",
