@@ -6,11 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from curate.runner import Context
 from curate.workspace import Workspace
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+
+# CI machines are shared and small: no per-example time limit, which only measures the load.
+settings.register_profile("curate", deadline=None)
+settings.load_profile("curate")
 
 #: The real magnetic-tile dataset, read in place (never copied into the repository).
 MTD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mtd"
