@@ -259,14 +259,26 @@ def make_params(stage: type[Stage] | Stage, values: dict[str, Any]) -> Any:
         raise CurateError(f"bad parameters for stage {stage.name!r}: {exc}") from exc
 
 
+def map_kept(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
+             fn: Callable[[dict, SampleEnv], Any], *, desc: str | None = None
+             ) -> tuple[list[dict[str, Any]], list[int], list[Any]]:
+    """``fn`` over the kept rows: (all rows, indices of the kept ones, their results).
+
+    For stages that judge a sample against the others (a category's distribution, clusters of
+    duplicates) after measuring each one; stages that only update samples use
+    :func:`map_samples`.
+    """
+    rows = manifest.row_list()
+    kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
+    env = ctx.env(stage.name, params, manifest.roots, seed=stage.uses_seed)
+    return rows, kept_idx, ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name)
+
+
 def map_samples(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
                 fn: Callable[[dict, SampleEnv], Update], *, desc: str | None = None
                 ) -> list[dict[str, Any]]:
     """Rows of ``manifest`` with ``fn`` applied to every kept row (dropped rows pass through)."""
-    rows = manifest.row_list()
-    kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
-    env = ctx.env(stage.name, params, manifest.roots, seed=stage.uses_seed)
-    updates = ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name)
+    rows, kept_idx, updates = map_kept(stage, manifest, params, ctx, fn, desc=desc)
     for i, update in zip(kept_idx, updates, strict=True):
         rows[i] = apply_update(rows[i], update, stage.name)
     return rows

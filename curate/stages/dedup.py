@@ -59,8 +59,8 @@ from curate import perceptual
 from curate.hamming import pairs_within, pairs_within_queries
 from curate.imageio import BadImage, decode
 from curate.imagestats import relative_sharpness
-from curate.manifest import KEPT, Manifest
-from curate.runner import Context, SampleEnv, Stage, apply_update
+from curate.manifest import Manifest
+from curate.runner import Context, SampleEnv, Stage, apply_update, map_kept
 from curate.store import pixel_digest
 
 
@@ -199,10 +199,7 @@ class Dedup(Stage):
 
     def run(self, inputs: list[Manifest], params: DedupParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows = manifest.row_list()
-        kept = [i for i, r in enumerate(rows) if r["status"] == KEPT]
-        env = ctx.env(self.name, params, manifest.roots)
-        results = ctx.map(hash_sample, [rows[i] for i in kept], env, "dedup: hashing")
+        rows, kept, results = map_kept(self, manifest, params, ctx, hash_sample, desc="dedup: hashing")
         members: list[int] = []  # row index of each hashed sample
         infos: list[dict[str, Any]] = []
         for i, res in zip(kept, results, strict=True):
@@ -217,6 +214,7 @@ class Dedup(Stage):
         # Exact duplicates: identical bytes from the manifest; identical pixels verified by a
         # full decode, but only for pairs that could be (see pixel_candidates).
         candidates = pixel_candidates(rows, members, infos, near)
+        env = ctx.env(self.name, params, manifest.roots)
         digests = ctx.map(pixels_sample, [rows[members[k]] for k in candidates], env,
                           "dedup: pixel identity")
         pixels = {k: res["pixels"] for k, res in zip(candidates, digests, strict=True)

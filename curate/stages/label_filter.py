@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from curate.manifest import KEPT, Manifest
-from curate.runner import Context, SampleEnv, Stage, apply_update
+from curate.manifest import Manifest
+from curate.runner import Context, SampleEnv, Stage, apply_update, map_kept
 from curate.sources.base import GOOD
 from curate.stages.quality import robust_z
 
@@ -128,10 +128,7 @@ class LabelFilter(Stage):
 
     def run(self, inputs: list[Manifest], params: LabelFilterParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows = manifest.row_list()
-        kept = [i for i, r in enumerate(rows) if r["status"] == KEPT]
-        env = ctx.env(self.name, params, manifest.roots)
-        results = ctx.map(inspect_sample, [rows[i] for i in kept], env, "label filter")
+        rows, kept, results = map_kept(self, manifest, params, ctx, inspect_sample, desc="label filter")
         self._robust_oversize(rows, kept, results, params)
         for i, res in zip(kept, results, strict=True):
             update: dict[str, Any] = {"measures": res.get("measures", {})}

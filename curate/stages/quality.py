@@ -33,8 +33,8 @@ import numpy as np
 
 from curate.imageio import decode
 from curate.imagestats import exposure, sharpness
-from curate.manifest import KEPT, Manifest
-from curate.runner import Context, SampleEnv, Stage, apply_update
+from curate.manifest import Manifest
+from curate.runner import Context, SampleEnv, Stage, apply_update, map_kept
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,7 @@ class Quality(Stage):
 
     def run(self, inputs: list[Manifest], params: QualityParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows = manifest.row_list()
-        kept = [i for i, r in enumerate(rows) if r["status"] == KEPT]
-        env = ctx.env(self.name, params, manifest.roots)
-        updates = ctx.map(measure_sample, [rows[i] for i in kept], env, "quality")
+        rows, kept, updates = map_kept(self, manifest, params, ctx, measure_sample, desc="quality")
         # Blur is judged against the category's own distribution of sharpness.
         by_category: dict[str, list[int]] = {}
         for k, (i, update) in enumerate(zip(kept, updates, strict=True)):
