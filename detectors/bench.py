@@ -1,0 +1,262 @@
+"""Benchmark a bundled detector on an MVTec-layout export: HSS-IAD Tables III/IV, all metrics.
+
+Protocols (HSS-IAD Sec. IV):
+- ``multi-class``: one model trained on the normal training images of every category together,
+  then evaluated on each category's test set;
+- ``class-separated``: one model per category, trained and evaluated on that category alone.
+
+Every category is evaluated with the one metric suite (`detectors.metrics`) on maps and masks
+brought to a common ``eval_size`` square (maps bilinear; masks by area, a pixel anomalous when at
+least half of it was), so detectors with different input geometries are scored on the same
+pixels. Training never sees test data and the last state is the one evaluated.
+
+The result is written as Markdown, CSV and JSON, each recording the curate version and commit,
+the detector and its options, the backbone weights' sha256, the seed and the device.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import CategorySplit, read_mvtec
+
+PROTOCOLS = ("multi-class", "class-separated")
+# Keys of `metrics.evaluate`, in the column order of the tables, and their column titles.
+METRIC_KEYS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
+METRIC_LABELS = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+# HSS-IAD paper order; categories an export names differently follow in alphabetical order.
+PAPER_ORDER = ("MTD", "Magnetic-tile-defect", "STEEL", "KolektorSDD", "KolektorSDD2",
+               "Casting_C1", "Casting_C2", "Casting_C3")
+
+
+def _metrics():
+    from . import metrics
+
+    return metrics
+
+
+def _ordered(names) -> list[str]:
+    rank = {name: i for i, name in enumerate(PAPER_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(amap.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    area = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return area >= 0.5
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _curate_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("curate")
+    except PackageNotFoundError:
+        return None
+
+
+def _device_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class BenchResult:
+    detector: str
+    protocol: str
+    categories: dict[str, dict[str, float]]  # category → metric → value (fraction)
+    mean: dict[str, float]
+    counts: dict[str, dict[str, int]]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def table_rows(self) -> list[tuple[str, dict[str, float]]]:
+        return [*self.categories.items(), ("Average", self.mean)]
+
+    def markdown(self) -> str:
+        names, keys = METRIC_LABELS, METRIC_KEYS
+        lines = [
+            f"# {self.detector} on {self.provenance.get('export', '?')} — {self.protocol}",
+            "",
+            "Values in %. I-AUROC / P-AP / AUPRO are the three the HSS-IAD tables report.",
+            "",
+            "| Category | " + " | ".join(names) + " | I-AUROC / P-AP / AUPRO |",
+            "|---|" + "---:|" * (len(names) + 1),
+        ]
+        for name, row in self.table_rows():
+            cells = [_pct(row[k]) for k in keys]
+            short = " / ".join(_pct(row[k]) for k in ("i_auroc", "p_ap", "aupro"))
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {short} |")
+        prov = self.provenance
+        lines += ["", "Provenance:", ""]
+        for key in ("curate_version", "commit", "detector_options", "backbone", "seed", "device",
+                    "eval_size", "export_manifest", "elapsed_s"):
+            lines.append(f"- {key}: `{json.dumps(prov.get(key))}`")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        keys = METRIC_KEYS
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["category", *keys, "n_test", "n_anomalous", "n_train"])
+        for name, row in self.table_rows():
+            counts = self.counts.get(name, {})
+            writer.writerow([name, *(f"{row[k]:.6f}" for k in keys), counts.get("test", ""),
+                             counts.get("anomalous", ""), counts.get("train", "")])
+        return out.getvalue()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"detector": self.detector, "protocol": self.protocol,
+                "categories": self.categories, "mean": self.mean, "counts": self.counts,
+                "provenance": self.provenance}
+
+    def write(self, out: str | Path) -> dict[str, Path]:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"bench-{self.detector}-{self.protocol}"
+        paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "json": out / f"{stem}.json"}
+        paths["md"].write_text(self.markdown())
+        paths["csv"].write_text(self.csv())
+        paths["json"].write_text(json.dumps(self.to_json(), indent=2, sort_keys=True,
+                                            default=_json_default) + "\n")
+        return paths
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def evaluate_category(detector, split: CategorySplit, *, eval_size: int, batch_size: int,
+                      progress: bool) -> dict[str, float]:
+    """Predict a category's test set and score it with the metric suite."""
+    if not split.test:
+        raise ValueError(f"category {split.name}: no test images")
+    maps, masks = [], []
+    scores = []
+    for start in range(0, len(split.test), batch_size * 4):
+        paths = split.test[start:start + batch_size * 4]
+        prediction = detector.predict(paths, batch_size=batch_size, progress=False)
+        scores.append(prediction.scores)
+        for offset, amap in enumerate(prediction.maps):
+            mask = split.read_mask(start + offset, amap.shape)
+            maps.append(_resize_map(amap, eval_size))
+            masks.append(_resize_mask(mask, eval_size))
+    metrics = _metrics()
+    return metrics.evaluate(np.concatenate(scores), np.asarray(split.labels), np.stack(maps),
+                            np.stack(masks))
+
+
+def run_bench(export_dir: str | Path, detector: str = "dinomaly",
+              protocol: str = "multi-class", *, backbone: str | None = None, weights=None,
+              seed: int = 0, device: str | None = None, iterations: int | None = None,
+              batch_size: int | None = None, categories: list[str] | None = None,
+              eval_size: int = 256, options: dict[str, Any] | None = None,
+              progress: bool = True, models_dir: str | Path | None = None) -> BenchResult:
+    """Train and evaluate `detector` on the export under `protocol`; see the module docstring."""
+    from . import create_detector
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    started = time.perf_counter()
+    splits = read_mvtec(export_dir, categories)
+    empty = [name for name, split in splits.items() if not split.train]
+    if empty:
+        raise ValueError(f"{export_dir}: no training images (train/good) for {', '.join(empty)}")
+    order = _ordered(splits)
+    options = dict(options or {})
+
+    def new_detector():
+        return create_detector(detector, backbone=backbone, weights=weights, seed=seed,
+                               device=device, **options)
+
+    fit_kwargs = {"iterations": iterations, "batch_size": batch_size, "progress": progress}
+    results: dict[str, dict[str, float]] = {}
+    provenance_model = None
+    losses: dict[str, float] = {}
+    models: dict[str, str] = {}
+    if protocol == "multi-class":
+        model = new_detector()
+        images = [p for name in order for p in splits[name].train]
+        labels = [name for name in order for _ in splits[name].train]
+        history = model.fit(images, labels, **fit_kwargs)
+        losses["all"] = float(history[-1]) if history else float("nan")
+        if models_dir:
+            models["all"] = str(model.save(Path(models_dir) / f"{detector}-multi-class.safetensors"))
+        for name in order:
+            results[name] = evaluate_category(model, splits[name], eval_size=eval_size,
+                                              batch_size=batch_size or 8, progress=progress)
+        provenance_model = model
+    else:
+        for name in order:
+            model = new_detector()
+            history = model.fit(splits[name].train, [name] * len(splits[name].train),
+                                **fit_kwargs)
+            losses[name] = float(history[-1]) if history else float("nan")
+            if models_dir:
+                models[name] = str(model.save(Path(models_dir) / f"{detector}-{name}.safetensors"))
+            results[name] = evaluate_category(model, splits[name], eval_size=eval_size,
+                                              batch_size=batch_size or 8, progress=progress)
+            provenance_model = model
+    mean = _metrics().mean_over_categories(results)
+    counts = {name: {"train": len(splits[name].train), "test": len(splits[name].test),
+                     "anomalous": int(sum(splits[name].labels))} for name in order}
+    export_meta = {}
+    marker = Path(export_dir) / "curate-export.json"
+    if marker.is_file():
+        export_meta = json.loads(marker.read_text())
+    provenance = {
+        "curate_version": _curate_version(),
+        "commit": _git_commit(),
+        "export": str(Path(export_dir).resolve()),
+        "export_manifest": export_meta.get("manifest"),
+        "detector": detector,
+        "detector_options": provenance_model.options,
+        "backbone": provenance_model.backbone.describe(),
+        "iterations": provenance_model.iterations_done,
+        "seed": seed,
+        "device": _device_name(provenance_model.device),
+        "torch": __import__("torch").__version__,
+        "eval_size": eval_size,
+        "final_loss": losses,
+        "models": models,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    return BenchResult(detector, protocol, results, mean, counts, provenance)
