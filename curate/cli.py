@@ -759,6 +759,180 @@ def bench_cmd(export_dir, detector, protocol, backbone, weights, iterations, bat
         stdout.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+# ------------------------------------------------------------------------------- sdas
+@cli.group("sdas")
+def sdas_group() -> None:
+    """SDAS anomaly synthesis (RealNet): train a diffusion model, sample banks, blend.
+
+    \b
+    Example (one category of an HSS-IAD build):
+      curate sdas train --category Magnetic-tile-defect --out mtd-ddpm --steps 50000 -w ws
+      curate sdas sample --category Magnetic-tile-defect --checkpoint mtd-ddpm -n 10000 -w ws
+      curate sdas blend --category Magnetic-tile-defect --bank <bank id> -w ws
+    """
+
+
+def _sdas_import(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise Failure(f"curate sdas needs the detectors extra ({exc}); "
+                      "pip install 'curate[detectors]'") from exc
+
+
+@sdas_group.command("train")
+@click.argument("manifest", required=False)
+@click.option("--category", required=True, help="Train on this category's normal images.")
+@click.option("--out", "-o", "out", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Checkpoint folder (an existing one is resumed).")
+@click.option("--steps", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Total optimisation steps (a resumed run continues up to this many).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--model", "model_preset", default="unet2d", show_default=True,
+              help="unet2d (diffusers UNet2DModel), unet2d-small, adm (RealNet's ADM, "
+                   "unconditional), or the tiny test presets.")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.9999, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if present).")
+@common_options
+def sdas_train(manifest, category, out, steps, batch_size, image_size, model_preset, lr,
+               ema_decay, save_every, device, workspace, seed, jobs, as_json):
+    """Train a diffusion model on one category's kept normal training images.
+
+    Seeded and resumable: run the same command again after a stop and it continues from the
+    last checkpoint exactly as an uninterrupted run would. bf16 autocast on a GPU.
+
+    \b
+    Example:
+      curate sdas train --category Magnetic-tile-defect --out mtd-ddpm --steps 50000 -w ws
+    """
+    train_mod = _sdas_import("curate.diffusion.train")
+    from curate.imageio import decode_file
+    from curate.stages.sdas import ProgressBar
+
+    torch = _sdas_import("torch")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = train_mod.TrainConfig(preset=model_preset, image_size=image_size, steps=steps,
+                                   batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                                   save_every=save_every, seed=seed, device=device)
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        m = ctx.workspace.load(manifest)
+        rows = [r for r in m.rows() if r["status"] == "kept" and r["label"] == "good"
+                and r["category"] == category and r["split"] in ("train", None)]
+        if not rows:
+            raise Failure(f"manifest {m.id} has no kept normal training images of category "
+                          f"{category!r}")
+        images = [decode_file(ctx.workspace.source_file(m, r["source"], r["path"]))
+                  for r in rows]
+        bar_ = ProgressBar(ctx, f"sdas train {category}", steps, loss=float("nan"))
+        with bar_ as (bar, task):
+            result = train_mod.train(
+                images, out, config, info={"manifest": m.id, "category": category,
+                                           "images": len(images)},
+                on_step=lambda step, loss: bar.update(task, completed=step, loss=loss))
+    summary = {"out": str(result.out), "step": result.step, "resumed_from": result.resumed_from,
+               "images": len(images), "last_loss": result.losses[-1] if result.losses else None}
+    if as_json:
+        _emit_json(summary)
+    else:
+        stdout.print(f"trained {result.step} steps (resumed from {result.resumed_from}) on "
+                     f"{len(images)} images; last loss {summary['last_loss']}; EMA weights in "
+                     f"{result.out / 'ema.safetensors'}", highlight=False)
+
+
+@sdas_group.command("sample")
+@click.argument("manifest", required=False)
+@click.option("--category", required=True, help="Category the bank is for (names its rows).")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A `curate sdas train` folder or an official ADM checkpoint (.pt).")
+@click.option("--n", "-n", "n", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Synthetic images to make.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Reverse steps (respaced).")
+@click.option("--spacing", type=click.Choice(["ddim", "even"]), default="ddim",
+              show_default=True, help="ddim: 0, T/K, 2T/K, ... (RealNet's ddim20); even: "
+                                      "rounded even spacing from 0 to T-1.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm",
+              show_default=True, help="Ancestral (1+s)·Σ, or DDIM plus s·Σ.")
+@click.option("--strength", nargs=2, type=float, default=None,
+              help="s ~ U(A, B) per image  [default: 0.1 0.2 (ddpm), 0.01 0.03 (ddim)]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--class-label", type=int, default=None,
+              help="Class index of a class-conditional checkpoint (RealNet: MVTec order).")
+@click.option("--device", default=None, help="torch device (default: cuda if present).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Model arithmetic (bf16/fp16 autocast on a GPU).")
+@common_options
+def sdas_sample(manifest, category, checkpoint, n, steps, spacing, sampler, strength,
+                batch_size, class_label, device, precision, workspace, seed, jobs, as_json):
+    """Sample a bank of SDAS synthetic anomalies into the store, one manifest row per image.
+
+    Each row records its seed, strength s, steps, sampler and the checkpoint's sha256. The
+    bank's parent is MANIFEST (default: latest, if any). Resumable: a killed run continues,
+    and ends with the same files and manifest id as an uninterrupted one.
+
+    \b
+    Example:
+      curate sdas sample --category Magnetic-tile-defect --checkpoint mtd-ddpm -n 10000 -w ws
+    """
+    sampler_mod = _sdas_import("curate.diffusion.sampler")
+    from curate.stages.sdas import SdasSample
+
+    torch = _sdas_import("torch")
+    low, high = strength or sampler_mod.DEFAULT_STRENGTH[sampler]
+    params = make_params(SdasSample, {
+        "category": category, "checkpoint": str(checkpoint.absolute()), "n": n, "steps": steps,
+        "spacing": spacing, "sampler": sampler, "strength_min": low, "strength_max": high,
+        "batch_size": batch_size, "class_label": class_label, "precision": precision,
+        "device": device or ("cuda" if torch.cuda.is_available() else "cpu")})
+    with _context(workspace, seed, jobs) as ctx:
+        ws = ctx.workspace
+        parents = [ws.load(manifest)] if manifest or ws.head() else []
+        result = run_stage(SdasSample(), parents, params, ctx)
+    _show_results([result], as_json)
+
+
+@sdas_group.command("blend")
+@click.argument("manifest", required=False)
+@click.option("--category", required=True, help="Blend into this category's normal images.")
+@click.option("--bank", default=None, help="Bank manifest (sdas sample) to take anomalies "
+              "from; without it, procedural textures.")
+@click.option("--n", "-n", "n", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Blended images to make (0: one per normal training image).")
+@click.option("--size", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Square size of the blended images.")
+@click.option("--delta", nargs=2, type=float, default=(0.5, 1.0), show_default=True,
+              help="Opacity δ ~ U(A, B).")
+@common_options
+def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, as_json):
+    """Blend anomalies into normal images: Perlin mask × foreground, written with their masks.
+
+    A = (1 − M)·I + (1 − δ)·M·I + δ·M·P. MANIFEST (default: the bank's parent, else latest)
+    gives the normal images; the output can be reviewed with `curate review push`.
+
+    \b
+    Example:
+      curate sdas blend --category Magnetic-tile-defect --bank 3f2a9c -w ws
+      curate review push -w ws
+    """
+    from curate.stages.sdas import SdasBlend
+
+    with _context(workspace, seed, jobs, create=False) as ctx:
+        ws = ctx.workspace
+        banks = [ws.load(bank)] if bank else []
+        if manifest is None and banks and banks[0].header["parents"]:
+            manifest = banks[0].header["parents"][0]
+        params = make_params(SdasBlend, {"category": category, "n": n, "size": size,
+                                         "delta_min": delta[0], "delta_max": delta[1],
+                                         "bank": banks[0].id if banks else ""})
+        result = run_stage(SdasBlend(), [ws.load(manifest), *banks], params, ctx)
+    _show_results([result], as_json)
+
+
 def main() -> None:
     cli(prog_name="curate")
 

@@ -17,10 +17,11 @@ def stage_class(name: str) -> type[Stage]:
     from curate.stages.labels import Labels
     from curate.stages.quality import Quality
     from curate.stages.reclassify import Reclassify
+    from curate.stages.sdas import SdasBlend, SdasSample
     from curate.stages.split import Split
 
     stages = {s.name: s for s in (Dedup, Quality, Foreground, Labels, LabelFilter, Reclassify,
-                                  Split)}
+                                  Split, SdasSample, SdasBlend)}
     try:
         return stages[name]
     except KeyError:
