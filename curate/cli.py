@@ -698,8 +698,8 @@ def card(manifest, export_dir, out, workspace, seed, jobs, as_json):
 # ------------------------------------------------------------------------------- bench
 @cli.command("bench")
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--detector", "-d", type=click.Choice(["dinomaly", "cras"]), default="dinomaly",
-              show_default=True, help="Bundled detector to train and evaluate.")
+@click.option("--detector", "-d", type=click.Choice(["dinomaly", "cras", "realnet"]),
+              default="dinomaly", show_default=True, help="Bundled detector to train and evaluate.")
 @click.option("--protocol", type=click.Choice(["multi-class", "class-separated"]),
               default="multi-class", show_default=True,
               help="One model for all categories (Table III) or one per category (Table IV).")

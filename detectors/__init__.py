@@ -13,6 +13,7 @@ from importlib import import_module
 DETECTORS = {
     "dinomaly": "detectors.dinomaly:Dinomaly",
     "cras": "detectors.cras:CRAS",
+    "realnet": "detectors.realnet:RealNet",
 }
 
 

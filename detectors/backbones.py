@@ -7,9 +7,9 @@ Two families serve the bundled detectors:
   (`dinov2_vit{s,b,l}14_reg4_pretrain.pth`, converted by key mapping: the fused `attn.qkv` splits
   into q/k/v), a Hugging Face snapshot folder or its `model.safetensors`, or a `.safetensors`
   file holding the hub keys.
-- WideResNet-50-2 (CRAS, RealNet) from torchvision, cut after `layer3`: the detectors use layers 2
-  and 3 only, so `layer4` and the classifier (the larger half of the network's compute beyond
-  layer 3) are never run.
+- WideResNet-50-2 (CRAS, RealNet) from torchvision, cut after the deepest layer a detector asks
+  for: CRAS uses layers 2 and 3 only, so `layer4` and the classifier are never run; RealNet
+  reads layers 1–4 (`build_backbone(..., layers=("layer1", …, "layer4"))`).
 
 Nothing is ever downloaded. `weights` is a file or folder path; when it is None the usual caches
 are searched (`$CURATE_WEIGHTS`, torch hub's `checkpoints/`, the Hugging Face hub cache) and a
@@ -326,13 +326,25 @@ def _build_dino(name: str, weights, seed: int, pos_antialias: bool, pos_offset: 
 
 
 class WideResNetFeatures(nn.Module):
-    """WideResNet-50-2's stem and layers 1–3; `forward` returns (layer2, layer3) features."""
+    """WideResNet-50-2's stem and the layers up to the deepest one asked for; `forward` returns
+    the outputs of `layers` in order (default: (layer2, layer3), what CRAS uses — layer 4 is then
+    not even kept). RealNet asks for all four."""
 
-    def __init__(self, resnet: nn.Module):
+    LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, resnet: nn.Module, layers: tuple[str, ...] = ("layer2", "layer3")):
         super().__init__()
+        layers = tuple(layers)
+        if not layers or any(name not in self.LAYERS for name in layers) or \
+                list(layers) != sorted(set(layers), key=self.LAYERS.index):
+            raise ValueError(f"layers must be distinct, ordered names from {self.LAYERS}, "
+                             f"not {layers}")
+        self.layers = layers
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
-        self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
-        self.channels = (self.layer2[-1].conv3.out_channels, self.layer3[-1].conv3.out_channels)
+        self.depth = self.LAYERS.index(layers[-1]) + 1
+        for name in self.LAYERS[:self.depth]:
+            setattr(self, name, getattr(resnet, name))
+        self.channels = tuple(getattr(self, name)[-1].conv3.out_channels for name in layers)
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         self.eval()
@@ -340,13 +352,17 @@ class WideResNetFeatures(nn.Module):
     def train(self, mode: bool = True):  # frozen, BatchNorm statistics included
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.layer1(self.stem(x))
-        f2 = self.layer2(x)
-        return f2, self.layer3(f2)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.stem(x)
+        out = []
+        for name in self.LAYERS[:self.depth]:
+            x = getattr(self, name)(x)
+            if name in self.layers:
+                out.append(x)
+        return tuple(out)
 
 
-def _build_wrn(name: str, weights, seed: int):
+def _build_wrn(name: str, weights, seed: int, layers: tuple[str, ...]):
     from torchvision.models import resnet
 
     with torch.random.fork_rng(devices=[]):
@@ -357,7 +373,7 @@ def _build_wrn(name: str, weights, seed: int):
         else:
             model = resnet.wide_resnet50_2(weights=None)
     if weights == "random":
-        return WideResNetFeatures(model), None
+        return WideResNetFeatures(model, layers), None
     if name == "wide_resnet_tiny":
         raise ValueError("backbone 'wide_resnet_tiny' is a test-only size: use weights='random'")
     path = _resolve(name, weights, _WRN_FILES, None)
@@ -366,7 +382,7 @@ def _build_wrn(name: str, weights, seed: int):
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"{path}: not a {name} checkpoint ({str(error).splitlines()[0]})") from None
-    return WideResNetFeatures(model), path
+    return WideResNetFeatures(model, layers), path
 
 
 # ---------------------------------------------------------------------------------- public
@@ -386,12 +402,14 @@ class Backbone:
 
 
 def build_backbone(name: str, weights=None, *, seed: int = 0, pos_antialias: bool = True,
-                   pos_offset: float = 0.0) -> Backbone:
-    """Build backbone `name` (one of BACKBONES) from `weights` (path, None = caches, "random")."""
+                   pos_offset: float = 0.0, layers: tuple[str, ...] = ("layer2", "layer3")
+                   ) -> Backbone:
+    """Build backbone `name` (one of BACKBONES) from `weights` (path, None = caches, "random").
+    `layers`: the WideResNet layers `forward` returns (ignored for DINOv2)."""
     if name in _DINO:
         module, path = _build_dino(name, weights, seed, pos_antialias, pos_offset)
     elif name in ("wide_resnet50_2", "wide_resnet_tiny"):
-        module, path = _build_wrn(name, weights, seed)
+        module, path = _build_wrn(name, weights, seed, tuple(layers))
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if path is None:
