@@ -215,3 +215,45 @@ def test_missing_backbone_weights_fail_in_one_line(mtd_export, tmp_path, monkeyp
                                       "--out", str(tmp_path / "t")])
     assert result.exit_code == 1
     assert "wide_resnet50_2" in result.output and "nothing is downloaded" in result.output
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run faster without OpenMP workers contending."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("detector, argv", [
+    ("dinomaly", ["--backbone", "dinov2_tiny_reg", "--option", "image_size=126",
+                  "--option", "crop_size=112", "--option", "map_size=64",
+                  "--option", "warmup=2", "--iterations", "3", "--batch-size", "4"]),
+    ("cras", ["--backbone", "wide_resnet_tiny", "--option", "resize=80", "--option", "crop=64",
+              "--option", "embed_dim=64", "--iterations", "3", "--batch-size", "4"]),
+])
+def test_curate_bench_end_to_end_on_the_mtd_export(mtd_export, tmp_path, detector, argv,
+                                                    one_thread):
+    """The real pipeline and table with a tiny random backbone: numbers meaningless, plumbing not."""
+    out = tmp_path / "tables"
+    result = CliRunner().invoke(cli, ["bench", str(mtd_export), "--detector", detector,
+                                      "--weights", "random", "--device", "cpu", "--seed", "5",
+                                      "--save-models", "--out", str(out), "--json", *argv])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    (category, row), = data["categories"].items()
+    assert set(row) == set(METRIC_KEYS)
+    assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in row.values())
+    prov = data["provenance"]
+    assert prov["iterations"] == 3 and prov["seed"] == 5
+    assert prov["backbone"]["sha256"] == "random:5"
+    assert np.isfinite(prov["final_loss"]["all"])
+    table = Path(data["files"]["md"]).read_text()
+    assert table.count("|") > 20 and category in table
+    # Same seed, same table: the saved model's recorded options rebuild the same run.
+    saved = detectors.load_detector(prov["models"]["all"], device="cpu")
+    again = run_bench(mtd_export, detector, "multi-class", backbone=saved.backbone.name,
+                      weights="random", seed=5, device="cpu", iterations=3, batch_size=4,
+                      options=saved.options, progress=False)
+    assert again.categories[category] == pytest.approx(row, abs=1e-6)
