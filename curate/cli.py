@@ -933,6 +933,90 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
     _show_results([result], as_json)
 
 
+# ------------------------------------------------------------------------------- ssfilter
+@cli.command("filter-noise")
+@click.argument("target", required=False)
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder mode: TARGET is a folder of images; write the clean folder here.")
+@click.option("--mode", type=click.Choice(["lite", "full"]), default="lite", show_default=True,
+              help="lite: patch comparison only (no training); full: Dinomaly-style model with "
+                   "dropout uncertainty (needs a DINOv2 backbone).")
+@click.option("--kappa1", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Random shufflings of the set (voting rounds).")
+@click.option("--kappa2", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Keep a sample judged normal in more than this many shufflings.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--backbone", default="randconv", show_default=True,
+              help="Patch descriptor: randconv or texture (no weights), or a bundled backbone "
+                   "(dinov2_vits14_reg, wide_resnet50_2, ...).")
+@click.option("--weights", default=None,
+              help="Backbone weight file or folder (default: local caches; 'random' for tests).")
+@click.option("--image-size", type=click.IntRange(min=16), default=None,
+              help="Square size images are resized to  [default: 256, 224 for DINOv2]")
+@click.option("--recall-tau", type=float, default=3.0, show_default=True,
+              help="Lite: also judge normal the upper-half samples within this many standard "
+                   "deviations of the lower half's mean (negative: lower half only).")
+@click.option("--hard-normals", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Flag the K kept normal images that look most anomalous (per category).")
+@click.option("--no-drop", is_flag=True, help="Manifest mode: score and flag only.")
+@click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Full mode: training iterations.")
+@click.option("--cold-start", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Full mode: iterations before uncertainty joins the score.")
+@click.option("--device", default=None,
+              help="Folder mode: torch device (default, and in manifest mode: cuda if present).")
+@common_options
+def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weights, image_size,
+                 recall_tau, hard_normals, no_drop, iterations, cold_start, device, workspace,
+                 seed, jobs, as_json):
+    """Remove anomalies hidden in a normal training set (SSFilter).
+
+    Every normal image is scored by how unlike the other images of its batch its patches
+    are, over KAPPA1 shufflings; it is kept when judged normal more than KAPPA2 times.
+    With --out, TARGET is a folder of images (never modified): OUT gets links to the kept
+    images, ssfilter-report.csv and removed.png (most suspicious first). Without --out,
+    TARGET is a manifest (default: latest): failing samples are dropped with reason
+    noise_filter, and --hard-normals flags normal images for the test set.
+
+    \b
+    Example:
+      curate filter-noise ./train/good --out ./train-clean --hard-normals 10
+      curate filter-noise -w ws --hard-normals 20
+    """
+    try:
+        from curate.stages.ssfilter import SSFilter, filter_folder
+    except ImportError as exc:
+        raise Failure(f"curate filter-noise needs PyTorch ({exc}); "
+                      "pip install 'curate[detectors]'") from exc
+    params = make_params(SSFilter, {
+        "mode": mode, "kappa1": kappa1, "kappa2": kappa2, "batch_size": batch_size,
+        "backbone": backbone, "weights": weights, "image_size": image_size,
+        "recall_tau": None if recall_tau < 0 else recall_tau, "hard_normals": hard_normals,
+        "drop": not no_drop, "iterations": iterations, "cold_start": cold_start})
+    if out is None:
+        with _context(workspace, seed, jobs, create=False) as ctx:
+            result = run_stage(SSFilter(), [ctx.workspace.load(target)], params, ctx)
+        _show_results([result], as_json)
+        return
+    if target is None:
+        raise click.UsageError("folder mode needs the input FOLDER as TARGET")
+    from rich.progress import Progress
+
+    with Progress(console=stderr, transient=True, disable=as_json) as bar:
+        task = bar.add_task("ssfilter", total=None)
+        report = filter_folder(Path(target), out, params, seed, device=device, progress=lambda
+                               what, done, total: bar.update(task, description=f"ssfilter: {what}",
+                                                             completed=done, total=total))
+    if as_json:
+        _emit_json(report.summary())
+    else:
+        stdout.print(f"{report.images} images: kept {report.kept}, removed {report.removed}, "
+                     f"unreadable {report.unreadable}, hard normals {report.hard_normals}; "
+                     f"report {report.report}" +
+                     (f", removed images {report.sheet}" if report.sheet else ""),
+                     highlight=False)
+
+
 def main() -> None:
     cli(prog_name="curate")
 

@@ -19,9 +19,10 @@ def stage_class(name: str) -> type[Stage]:
     from curate.stages.reclassify import Reclassify
     from curate.stages.sdas import SdasBlend, SdasSample
     from curate.stages.split import Split
+    from curate.stages.ssfilter import SSFilter
 
     stages = {s.name: s for s in (Dedup, Quality, Foreground, Labels, LabelFilter, Reclassify,
-                                  Split, SdasSample, SdasBlend)}
+                                  Split, SdasSample, SdasBlend, SSFilter)}
     try:
         return stages[name]
     except KeyError:
