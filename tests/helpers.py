@@ -78,3 +78,14 @@ def truncate(path: Path) -> None:
     """Cut off the end of a file, as an interrupted copy leaves it (these files are tiny:
     cutting more would leave a broken header rather than a truncated image)."""
     path.write_bytes(path.read_bytes()[:-16])
+
+
+def mtd_subset(mtd_root: Path, out: Path, per_class: dict[str, int]) -> Path:
+    """A small MTD-shaped tree of links to the real files (nothing copied)."""
+    for folder, n in per_class.items():
+        target = out / folder / "Imgs"
+        target.mkdir(parents=True)
+        for jpg in sorted((mtd_root / folder / "Imgs").glob("*.jpg"))[:n]:
+            (target / jpg.name).symlink_to(jpg)
+            (target / jpg.with_suffix(".png").name).symlink_to(jpg.with_suffix(".png"))
+    return out

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the detectors extra (torch) is not installed")
 
 from click.testing import CliRunner  # noqa: E402
-from helpers import ingest, labels  # noqa: E402
+from helpers import ingest, labels, mtd_subset  # noqa: E402
 
 import detectors  # noqa: E402
 from curate.cli import cli  # noqa: E402
@@ -30,22 +30,11 @@ from detectors.bench import METRIC_KEYS, run_bench  # noqa: E402
 from detectors.data import DatasetError, read_mvtec  # noqa: E402
 
 
-def _mtd_subset(mtd_root: Path, out: Path, per_class: dict[str, int]) -> Path:
-    """A small MTD-shaped tree of links to the real files (nothing copied)."""
-    for folder, n in per_class.items():
-        target = out / folder / "Imgs"
-        target.mkdir(parents=True)
-        for jpg in sorted((mtd_root / folder / "Imgs").glob("*.jpg"))[:n]:
-            (target / jpg.name).symlink_to(jpg)
-            (target / jpg.with_suffix(".png").name).symlink_to(jpg.with_suffix(".png"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def mtd_export(mtd_root, tmp_path_factory) -> Path:
     """Real MTD images through ingest → labels → split → `curate export mvtec`."""
     tmp = tmp_path_factory.mktemp("bench")
-    source = _mtd_subset(mtd_root, tmp / "mtd",
+    source = mtd_subset(mtd_root, tmp / "mtd",
                          {"MT_Free": 14, "MT_Blowhole": 3, "MT_Crack": 3, "MT_Fray": 2})
     with Context(Workspace.open(tmp / "ws"), jobs=1, progress=False) as ctx:
         labelled = labels(ctx, ingest(ctx, "mtd", source))

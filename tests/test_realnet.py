@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the detectors extra (torch) is not installed")
 
 from click.testing import CliRunner  # noqa: E402
+from helpers import mtd_subset  # noqa: E402
 
 from detectors import create_detector, load_detector  # noqa: E402
 from detectors.data import read_image  # noqa: E402
@@ -309,17 +310,6 @@ def test_official_checkpoint_loads_strictly(trained, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- curate bench
 
 
-def _mtd_subset(mtd_root: Path, out: Path, per_class: dict[str, int]) -> Path:
-    """A small MTD-shaped tree of links to the real files (nothing copied)."""
-    for folder, n in per_class.items():
-        target = out / folder / "Imgs"
-        target.mkdir(parents=True)
-        for jpg in sorted((mtd_root / folder / "Imgs").glob("*.jpg"))[:n]:
-            (target / jpg.name).symlink_to(jpg)
-            (target / jpg.with_suffix(".png").name).symlink_to(jpg.with_suffix(".png"))
-    return out
-
-
 def test_curate_bench_realnet_end_to_end(mtd_root, tmp_path):
     from helpers import ingest, labels
 
@@ -329,7 +319,7 @@ def test_curate_bench_realnet_end_to_end(mtd_root, tmp_path):
     from curate.stages.split import Split, SplitParams
     from curate.workspace import Workspace
 
-    source = _mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 8, "MT_Blowhole": 2,
+    source = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 8, "MT_Blowhole": 2,
                                                       "MT_Crack": 2})
     with Context(Workspace.open(tmp_path / "ws"), jobs=1, progress=False) as ctx:
         labelled = labels(ctx, ingest(ctx, "mtd", source))
