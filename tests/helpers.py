@@ -89,3 +89,13 @@ def mtd_subset(mtd_root: Path, out: Path, per_class: dict[str, int]) -> Path:
             (target / jpg.name).symlink_to(jpg)
             (target / jpg.with_suffix(".png").name).symlink_to(jpg.with_suffix(".png"))
     return out
+
+
+def mtd_images(root: Path, folder: str, count: int) -> list[Path]:
+    """The first ``count`` images of an MTD class folder (skips when the data has fewer)."""
+    import pytest
+
+    found = sorted((root / folder / "Imgs").glob("*.jpg"))[:count]
+    if len(found) < count:
+        pytest.skip(f"fewer than {count} images in {root / folder / 'Imgs'}")
+    return found

@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the detectors extra (torch) is not installed")
 
+from helpers import mtd_images  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from detectors import create_detector  # noqa: E402
@@ -29,13 +30,6 @@ SMALL = {"resize": 72, "crop": 64, "embed_dim": 128}
 def tiny(seed: int = 0, **options):
     return create_detector("cras", backbone="wide_resnet_tiny", weights="random", seed=seed,
                            device="cpu", **{**SMALL, **options})
-
-
-def mtd_images(root: Path, folder: str, count: int) -> list[Path]:
-    found = sorted((root / folder / "Imgs").glob("*.jpg"))[:count]
-    if len(found) < count:
-        pytest.skip(f"fewer than {count} images in {root / folder / 'Imgs'}")
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the detectors extra (torch) is not installed")
 
 from click.testing import CliRunner  # noqa: E402
-from helpers import mtd_subset  # noqa: E402
+from helpers import mtd_images, mtd_subset  # noqa: E402
 
 from detectors import create_detector, load_detector  # noqa: E402
 from detectors.data import read_image  # noqa: E402
@@ -46,13 +46,6 @@ def one_thread():
 def tiny(seed: int = 0, **options) -> RealNet:
     return create_detector("realnet", backbone="wide_resnet_tiny", weights="random", seed=seed,
                            device="cpu", **{**SMALL, **options})
-
-
-def mtd_images(root: Path, folder: str, count: int) -> list[Path]:
-    found = sorted((root / folder / "Imgs").glob("*.jpg"))[:count]
-    if len(found) < count:
-        pytest.skip(f"fewer than {count} images in {root / folder / 'Imgs'}")
-    return found
 
 
 @pytest.fixture(scope="module")
