@@ -1,7 +1,8 @@
 """The ``curate`` command line: parse, call the library, show progress and results.
 
 Every command takes ``--workspace`` (default ``$CURATE_WORKSPACE`` or ``./curate-workspace``),
-``--seed``, ``--jobs`` and ``--json`` (machine-readable output on stdout). Exit status: 0 done,
+``--seed``, ``--jobs``, ``--executor`` / ``--ray-address`` and ``--json`` (machine-readable output
+on stdout). Exit status: 0 done,
 1 failed (one sentence on stderr saying what and where), 2 bad usage.
 """
 
@@ -23,7 +24,14 @@ from rich.table import Table
 from curate import __version__
 from curate.errors import CurateError
 from curate.manifest import Manifest, diff
-from curate.runner import Context, StageResult, default_jobs, make_params, run_stage
+from curate.runner import (
+    EXECUTORS,
+    Context,
+    StageResult,
+    default_jobs,
+    make_params,
+    run_stage,
+)
 from curate.workspace import Workspace
 
 # Wide tables when the output goes to a file or a pipe (rich would assume 80 columns).
@@ -41,7 +49,9 @@ class Failure(click.ClickException):
 
 
 def common_options(fn: Callable) -> Callable:
-    """--workspace --seed --jobs --json on every command, and CurateError -> exit 1."""
+    """--workspace --seed --jobs --executor --ray-address --json on every command, and
+    CurateError -> exit 1. The executor options are kept on the click context for
+    :func:`_context` (every command that runs stages builds its Context there)."""
 
     @click.option("--workspace", "-w", type=click.Path(file_okay=False, path_type=Path),
                   default=lambda: os.environ.get("CURATE_WORKSPACE", "curate-workspace"),
@@ -51,9 +61,17 @@ def common_options(fn: Callable) -> Callable:
                   help="Seed for every random choice (same seed, same manifests).")
     @click.option("--jobs", "-j", type=click.IntRange(min=1), default=default_jobs,
                   show_default="number of CPUs, at most 8", help="Worker processes.")
+    @click.option("--executor", type=click.Choice(EXECUTORS), default=None,
+                  show_default="process with --jobs > 1, else local",
+                  help="Where per-sample work runs: inline, a process pool, or Ray tasks.")
+    @click.option("--ray-address", default=None, metavar="ADDRESS",
+                  help="Ray cluster to join with --executor ray (e.g. 'auto' or "
+                       "'ray://head:10001'); default: a local Ray runtime.")
     @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, executor, ray_address, **kwargs):
+        meta = click.get_current_context().meta
+        meta["curate.executor"], meta["curate.ray_address"] = executor, ray_address
         try:
             return fn(*args, **kwargs)
         except CurateError as exc:
@@ -63,8 +81,11 @@ def common_options(fn: Callable) -> Callable:
 
 
 def _context(workspace: Path, seed: int, jobs: int, *, create: bool = True) -> Context:
+    click_ctx = click.get_current_context(silent=True)
+    meta = click_ctx.meta if click_ctx is not None else {}
     return Context(Workspace.open(workspace, create=create), jobs=jobs, seed=seed,
-                   console=stderr)
+                   console=stderr, executor=meta.get("curate.executor"),
+                   ray_address=meta.get("curate.ray_address"))
 
 
 def _emit_json(data: Any) -> None:

@@ -2,9 +2,10 @@
 
 A stage is a small object with a ``name``, a ``version``, a ``Params`` dataclass and
 ``run(inputs, params, ctx) -> Manifest``. Work on single samples is a pure module-level function
-``fn(row, env) -> update`` that :meth:`Context.map` runs inline or on a process pool; results
-come back in input order and all randomness comes from ``env.rng(row)``, seeded by (seed, stage,
-sample id), so the output never depends on ``--jobs`` or on scheduling.
+``fn(row, env) -> update`` that :meth:`Context.map` runs inline, on a process pool or as Ray
+tasks (the ``executor``: local, process, ray); results come back in input order and all
+randomness comes from ``env.rng(row)``, seeded by (seed, stage, sample id), so the output never
+depends on ``--jobs``, the executor or scheduling.
 
 An *update* is a dict: column name -> new value, plus the merge keys ``artifacts`` and
 ``measures`` (dicts merged into the row's), ``flags`` (a list of notes appended) and ``drop``
@@ -19,6 +20,7 @@ what changed.
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import hashlib
 import math
@@ -107,6 +109,27 @@ def _run_chunk(fn: Callable[[dict, SampleEnv], Update], rows: list[dict],
     return out
 
 
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise CurateError("--executor ray needs Ray: pip install 'curate[ray]'") from exc
+    return ray
+
+
+_RAY_TASK = None
+
+
+def _ray_run_chunk(ray):
+    """:func:`_run_chunk` as a Ray remote function (made once, when Ray is first used)."""
+    global _RAY_TASK
+    if _RAY_TASK is None:
+        # max_retries: a chunk whose worker process died runs again (the store's writes are
+        # atomic and content-addressed, so a half-done chunk leaves nothing wrong behind).
+        _RAY_TASK = ray.remote(max_retries=3, retry_exceptions=False)(_run_chunk)
+    return _RAY_TASK
+
+
 def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, Any]:
     """Return a copy of ``row`` with ``update`` applied (see the module docstring)."""
     row = dict(row)
@@ -129,19 +152,42 @@ def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- context
+EXECUTORS = ("local", "process", "ray")
+
+
 class Context:
-    """How stages run: workspace, seed, number of worker processes, progress display."""
+    """How stages run: workspace, seed, executor and its workers, progress display.
+
+    ``executor`` is ``local`` (inline), ``process`` (a pool of ``jobs`` forked processes) or
+    ``ray`` (Ray tasks on the cluster at ``ray_address``, or on a local Ray runtime when None).
+    None means ``ray`` when a ``ray_address`` is given, else ``process`` when ``jobs`` > 1, else
+    ``local``. Every executor gives the same results in the same order, so the manifests do not
+    depend on it.
+    """
 
     def __init__(self, workspace: Workspace, *, jobs: int = 1, seed: int = 0,
-                 progress: bool | None = None, console: Console | None = None):
+                 progress: bool | None = None, console: Console | None = None,
+                 executor: str | None = None, ray_address: str | None = None):
         if jobs < 1:
             raise CurateError(f"--jobs must be at least 1, got {jobs}")
+        if executor is None:
+            executor = "ray" if ray_address else "process" if jobs > 1 else "local"
+        if executor not in EXECUTORS:
+            raise CurateError(f"unknown executor {executor!r}; choose one of "
+                              f"{', '.join(EXECUTORS)}")
+        if ray_address is not None and executor != "ray":
+            raise CurateError("--ray-address needs --executor ray")
         self.workspace = workspace
         self.jobs = jobs
         self.seed = seed
+        self.executor = executor
+        self.ray_address = ray_address
         self.console = console or Console(stderr=True)
         self.progress = self.console.is_terminal if progress is None else progress
         self._pool: Executor | None = None
+        self._ray_started = False
+        if executor == "ray":
+            _import_ray()  # fail now, with a clear message, rather than mid-build
 
     # The pool is created on first use and shared by every stage of one command.
     def _executor(self) -> Executor:
@@ -151,10 +197,25 @@ class Context:
                                              mp_context=multiprocessing.get_context(method))
         return self._pool
 
+    def _ray(self):
+        """The ray module, connected: joins the runtime already started in this process, else
+        the cluster at ``ray_address``, else starts a local one (shut down by :meth:`close`)."""
+        ray = _import_ray()
+        if not ray.is_initialized():
+            ray.init(address=self.ray_address, ignore_reinit_error=True,
+                     include_dashboard=False, log_to_driver=False)
+            self._ray_started = True
+        return ray
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
 
     def __enter__(self) -> Context:
         return self
@@ -169,14 +230,21 @@ class Context:
                          seed=self.seed if seed else None)
 
     def map(self, fn: Callable[[dict, SampleEnv], Update], rows: Sequence[dict],
-            env: SampleEnv, desc: str) -> list[Update]:
-        """``[fn(row, env) for row in rows]``, inline or on the pool, in order, with progress."""
+            env: SampleEnv, desc: str, *, num_gpus: float = 0) -> list[Update]:
+        """``[fn(row, env) for row in rows]`` on the executor, in order, with progress.
+
+        ``num_gpus`` is what one task asks Ray for (a stage's :attr:`Stage.num_gpus`); the
+        local and process executors ignore it.
+        """
         rows = list(rows)
         if not rows:
             return []
         with self._progress_bar() as bar:
             task = bar.add_task(desc, total=len(rows))
-            if self.jobs == 1 or len(rows) < 2 * self.jobs:
+            if self.executor == "ray":
+                return self._map_ray(fn, rows, env, num_gpus,
+                                     lambda done: bar.update(task, completed=done))
+            if self.executor == "local" or self.jobs == 1 or len(rows) < 2 * self.jobs:
                 results = []
                 for start in range(0, len(rows), 64):
                     results.extend(_run_chunk(fn, rows[start:start + 64], env))
@@ -192,6 +260,37 @@ class Context:
                 bar.update(task, completed=len(results))
             return results
 
+    def _map_ray(self, fn, rows: list[dict], env: SampleEnv, num_gpus: float,
+                 advance: Callable[[int], None]) -> list[Update]:
+        """Chunks of rows as Ray tasks, at most two per CPU of the cluster in flight, so the
+        object store holds a bounded slice of the dataset, never all of it. A task whose worker
+        dies is retried (``max_retries``); a sample that raises is already a drop inside
+        :func:`_run_chunk`, so exceptions are never retried."""
+        ray = self._ray()
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        size = max(1, min(256, math.ceil(len(rows) / (cpus * 8))))
+        remote = _ray_run_chunk(ray).options(num_gpus=num_gpus) if num_gpus else \
+            _ray_run_chunk(ray)
+        env_ref = ray.put(env)
+        pending: collections.deque = collections.deque()
+        results: list[Update] = []
+
+        def collect_oldest() -> None:
+            try:
+                results.extend(ray.get(pending.popleft()))
+            except ray.exceptions.RayError as exc:
+                raise CurateError(f"stage {env.stage!r}: a Ray task failed even after "
+                                  f"retries: {exc}") from exc
+            advance(len(results))
+
+        for start in range(0, len(rows), size):
+            if len(pending) >= 2 * cpus:
+                collect_oldest()
+            pending.append(remote.remote(fn, rows[start:start + size], env_ref))
+        while pending:
+            collect_oldest()
+        return results
+
     def _progress_bar(self) -> Progress:
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=self.console, transient=True,
@@ -206,6 +305,8 @@ class Stage(abc.ABC):
     version: ClassVar[str]
     Params: ClassVar[type]
     uses_seed: ClassVar[bool] = False
+    #: GPUs one task of this stage asks Ray for (``--executor ray``); 0 for CPU-only stages.
+    num_gpus: ClassVar[float] = 0
 
     @abc.abstractmethod
     def run(self, inputs: list[Manifest], params: Any, ctx: Context) -> Manifest:
@@ -271,7 +372,8 @@ def map_kept(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
     rows = manifest.row_list()
     kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
     env = ctx.env(stage.name, params, manifest.roots, seed=stage.uses_seed)
-    return rows, kept_idx, ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name)
+    return rows, kept_idx, ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name,
+                                   num_gpus=stage.num_gpus)
 
 
 def map_samples(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
