@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -221,6 +220,20 @@ class Detector(ABC):
 
         return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
+    def train_loop(self, total: int, step, progress: bool) -> list[float]:
+        """Run ``step(i) -> loss`` for i in 0..total-1 with a progress bar showing the loss,
+        counting ``iterations_done``; returns the losses (the shared loop of every ``fit``)."""
+        losses: list[float] = []
+        bar = self.progress(total, f"{self.name} fit", progress)
+        for i in range(total):
+            loss = float(step(i))
+            losses.append(loss)
+            self.iterations_done += 1
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        return losses
+
     @torch.no_grad()
     def predict(self, images: Sequence[ImageLike], *, batch_size: int = 8,
                 progress: bool = False) -> Prediction:
@@ -316,10 +329,3 @@ class Detector(ABC):
     def loaded_from(self, header: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Hook for state kept outside module state dicts (none by default)."""
 
-
-def cosine_schedule(step: int, total: int, warmup: int, base: float, final: float) -> float:
-    """Linear warm-up from 0 to `base`, then cosine down to `final` at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, progress)))

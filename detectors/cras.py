@@ -471,17 +471,9 @@ class CRAS(Detector):
         generator.manual_seed((self.seed * 1_000_003 + self.iterations_done) % (2 ** 63))
         self.adapter.train()
         self.discriminator.train()
-        losses: list[float] = []
-        bar = self.progress(total, f"{self.name} fit", progress)
         batches = self.endless(images, batch)
-        for _ in range(total):
-            x, _ = next(batches)
-            loss = self.train_step(x, optimizers, generator)
-            losses.append(loss)
-            self.iterations_done += 1
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(1)
-        bar.close()
+        losses = self.train_loop(
+            total, lambda _: self.train_step(next(batches)[0], optimizers, generator), progress)
         self.adapter.eval()
         self.discriminator.eval()
         return losses

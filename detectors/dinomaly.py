@@ -370,20 +370,13 @@ class Dinomaly(Detector):
         for module in self.modules().values():
             module.train()
         optimizer = self.make_optimizer()
-        losses: list[float] = []
-        bar = self.progress(total, f"{self.name} fit", progress)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)  # the bottleneck's dropout draws from here
             batches = self.endless(images, batch)
-            for step in range(total):
-                x, _ = next(batches)
-                loss = float(self.train_step(x, optimizer, step, total))
-                losses.append(loss)
-                self.iterations_done += 1
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                bar.update(1)
-        bar.close()
+            losses = self.train_loop(
+                total, lambda step: self.train_step(next(batches)[0], optimizer, step, total),
+                progress)
         for module in self.modules().values():
             module.eval()
         return losses

@@ -638,16 +638,9 @@ class RealNet(Detector):
                                      lr=float(o["lr"]), betas=tuple(o["betas"]))
         self.recon.train()
         self.rrs.train()
-        losses: list[float] = []
-        bar = self.progress(total, f"{self.name} fit", progress)
         stream = self._stream(data, batch)
-        for _ in range(total):
-            loss = self.train_step(next(stream), optimizer)
-            losses.append(loss)
-            self.iterations_done += 1
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(1)
-        bar.close()
+        losses = self.train_loop(total, lambda _: self.train_step(next(stream), optimizer),
+                                 progress)
         self.recon.eval()
         self.rrs.eval()
         return losses
