@@ -743,9 +743,17 @@ def card(manifest, export_dir, out, workspace, seed, jobs, as_json):
               help="Folder for the Markdown, CSV and JSON tables.")
 @click.option("--save-models", is_flag=True, help="Also save the trained detectors to --out.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="Train here, or each model as a Ray task (with "
+              "--device cuda each task asks Ray for one GPU, so the class-separated models "
+              "train on a cluster's GPUs at once; the export and --out must be on storage "
+              "every node sees).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join with --executor ray; default: a local Ray runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_cmd(export_dir, detector, protocol, backbone, weights, iterations, batch_size,
-              categories, eval_size, device, options, out, save_models, seed, as_json):
+              categories, eval_size, device, options, out, save_models, seed, executor,
+              ray_address, as_json):
     """Train a bundled detector on an MVTec-layout export and score it (HSS-IAD Tables III/IV).
 
     Per category and averaged: I-AUROC, I-AP, I-F1max, P-AUROC, P-AP, P-F1max, AUPRO@0.3.
@@ -764,13 +772,17 @@ def bench_cmd(export_dir, detector, protocol, backbone, weights, iterations, bat
     except ImportError as exc:
         raise Failure(f"curate bench needs the detectors extra ({exc}); "
                       "pip install 'curate[detectors]'") from exc
+    gpus = 1 if (device or "").startswith("cuda") else 0
     try:
-        result = run_bench(export_dir, detector, protocol, backbone=backbone, weights=weights,
-                           seed=seed, device=device, iterations=iterations,
-                           batch_size=batch_size, categories=list(categories) or None,
-                           eval_size=eval_size, options=_parse_options(options),
-                           progress=not as_json, models_dir=out if save_models else None)
-    except (DatasetError, WeightsNotFoundError, ValueError, TypeError) as exc:
+        with Context(None, executor=executor, ray_address=ray_address, console=stderr) as ctx:
+            result = run_bench(
+                export_dir.absolute(), detector, protocol, backbone=backbone, weights=weights,
+                seed=seed, device=device, iterations=iterations, batch_size=batch_size,
+                categories=list(categories) or None, eval_size=eval_size,
+                options=_parse_options(options), progress=not as_json,
+                models_dir=out.absolute() if save_models else None,
+                run_jobs=lambda fn, jobs: ctx.tasks(fn, jobs, num_gpus=gpus, desc="bench"))
+    except (DatasetError, WeightsNotFoundError, ValueError, TypeError, CurateError) as exc:
         raise Failure(str(exc)) from exc
     paths = result.write(out)
     if as_json:
@@ -985,7 +997,8 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
 @click.option("--cold-start", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Full mode: iterations before uncertainty joins the score.")
 @click.option("--device", default=None,
-              help="Folder mode: torch device (default, and in manifest mode: cuda if present).")
+              help="torch device (default: cuda if present). With --executor ray, 'cuda' "
+                   "makes each category a Ray task that asks for one GPU.")
 @common_options
 def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weights, image_size,
                  recall_tau, hard_normals, no_drop, iterations, cold_start, device, workspace,
@@ -1013,7 +1026,8 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
         "mode": mode, "kappa1": kappa1, "kappa2": kappa2, "batch_size": batch_size,
         "backbone": backbone, "weights": weights, "image_size": image_size,
         "recall_tau": None if recall_tau < 0 else recall_tau, "hard_normals": hard_normals,
-        "drop": not no_drop, "iterations": iterations, "cold_start": cold_start})
+        "drop": not no_drop, "iterations": iterations, "cold_start": cold_start,
+        "device": device})
     if out is None:
         with _context(workspace, seed, jobs, create=False) as ctx:
             result = run_stage(SSFilter(), [ctx.workspace.load(target)], params, ctx)
@@ -1025,7 +1039,7 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
 
     with Progress(console=stderr, transient=True, disable=as_json) as bar:
         task = bar.add_task("ssfilter", total=None)
-        report = filter_folder(Path(target), out, params, seed, device=device, progress=lambda
+        report = filter_folder(Path(target), out, params, seed, progress=lambda
                                what, done, total: bar.update(task, description=f"ssfilter: {what}",
                                                              completed=done, total=total))
     if as_json:

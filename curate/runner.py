@@ -29,8 +29,9 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -130,6 +131,21 @@ def _ray_run_chunk(ray):
     return _RAY_TASK
 
 
+def _call(fn: Callable[[Any], Any], job: Any) -> Any:
+    return fn(job)
+
+
+_RAY_JOB = None
+
+
+def _ray_run_job(ray):
+    """:func:`_call` as a Ray remote function: one whole job (a batch for a model) per task."""
+    global _RAY_JOB
+    if _RAY_JOB is None:
+        _RAY_JOB = ray.remote(max_retries=3, retry_exceptions=False)(_call)
+    return _RAY_JOB
+
+
 def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, Any]:
     """Return a copy of ``row`` with ``update`` applied (see the module docstring)."""
     row = dict(row)
@@ -153,6 +169,8 @@ def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, A
 
 # --------------------------------------------------------------------------- context
 EXECUTORS = ("local", "process", "ray")
+#: How many times the process executor replaces a pool whose worker died, per map.
+POOL_RETRIES = 3
 
 
 class Context:
@@ -165,7 +183,7 @@ class Context:
     depend on it.
     """
 
-    def __init__(self, workspace: Workspace, *, jobs: int = 1, seed: int = 0,
+    def __init__(self, workspace: Workspace | None, *, jobs: int = 1, seed: int = 0,
                  progress: bool | None = None, console: Console | None = None,
                  executor: str | None = None, ray_address: str | None = None):
         if jobs < 1:
@@ -250,15 +268,84 @@ class Context:
                     results.extend(_run_chunk(fn, rows[start:start + 64], env))
                     bar.update(task, completed=len(results))
                 return results
-            size = max(1, min(256, math.ceil(len(rows) / (self.jobs * 8))))
+            return self._map_pool(fn, rows, env,
+                                  lambda done: bar.update(task, completed=done))
+
+    def _map_pool(self, fn, rows: list[dict], env: SampleEnv,
+                  advance: Callable[[int], None]) -> list[Update]:
+        """Chunks of rows on the process pool. A worker that dies (killed, out of memory)
+        breaks the whole pool: a new pool then reruns every chunk not yet collected, up to
+        ``POOL_RETRIES`` times. Chunks are pure functions of their rows, and the store's
+        writes are atomic and content-addressed, so a rerun chunk gives the same results."""
+        size = max(1, min(256, math.ceil(len(rows) / (self.jobs * 8))))
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        results: list[Update] = []
+        collected = retries = 0  # chunks whose results are in `results`
+        while collected < len(chunks):
             pool = self._executor()
-            futures = [pool.submit(_run_chunk, fn, rows[i:i + size], env)
-                       for i in range(0, len(rows), size)]
-            results = []
-            for fut in futures:
-                results.extend(fut.result())
-                bar.update(task, completed=len(results))
-            return results
+            futures = [pool.submit(_run_chunk, fn, chunk, env) for chunk in chunks[collected:]]
+            try:
+                for fut in futures:
+                    results.extend(fut.result())
+                    collected += 1
+                    advance(len(results))
+            except BrokenProcessPool as exc:
+                for fut in futures:
+                    fut.cancel()
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+                retries += 1
+                if retries > POOL_RETRIES:
+                    raise CurateError(f"stage {env.stage!r}: worker processes died "
+                                      f"{retries} times; giving up ({exc})") from exc
+                self.console.print(f"[yellow]stage {env.stage}: a worker process died; "
+                                   f"rerunning the unfinished chunks (retry {retries} of "
+                                   f"{POOL_RETRIES})[/]")
+        return results
+
+    def tasks(self, fn: Callable[[Any], Any], jobs: Sequence[Any], *, num_gpus: float = 0,
+              desc: str = "") -> Iterator[Any]:
+        """``fn(job)`` for every job, yielded in order as they finish.
+
+        For work that loads a model and runs it on a whole batch (SDAS sampling, a detector's
+        training): one job is one unit of such work, and ``fn`` must be a module-level function
+        of a picklable job. With Ray each job is a task asking for ``num_gpus`` GPUs, so jobs
+        spread over a cluster's GPUs, at most two per GPU (or per CPU) in flight; a task whose
+        worker dies is retried, an exception inside ``fn`` is raised here (never retried). The
+        local and process executors run the jobs one after the other in this process: a GPU
+        is not shared with forked workers, and the models use every core themselves.
+        """
+        jobs = list(jobs)
+        if self.executor != "ray":
+            for job in jobs:
+                yield fn(job)
+            return
+        ray = self._ray()
+        resources = ray.cluster_resources()
+        slots = (int(resources.get("GPU", 0) / num_gpus) if num_gpus
+                 else int(resources.get("CPU", 1)))
+        if slots < 1:
+            raise CurateError(f"{desc or 'this stage'} asks Ray for {num_gpus} GPU(s) per "
+                              f"task and the cluster has {resources.get('GPU', 0)}: start "
+                              "workers with GPUs, or run on the CPU (--device cpu)")
+        remote = _ray_run_job(ray).options(num_gpus=num_gpus) if num_gpus else _ray_run_job(ray)
+        fn_ref = ray.put(fn)
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            if len(pending) >= 2 * slots:
+                yield self._ray_get(ray, pending.popleft(), desc)
+            pending.append(remote.remote(fn_ref, job))
+        while pending:
+            yield self._ray_get(ray, pending.popleft(), desc)
+
+    @staticmethod
+    def _ray_get(ray, ref, desc: str) -> Any:
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                ray.exceptions.ObjectLostError) as exc:
+            raise CurateError(f"{desc or 'a Ray task'}: failed even after retries: "
+                              f"{exc}") from exc
 
     def _map_ray(self, fn, rows: list[dict], env: SampleEnv, num_gpus: float,
                  advance: Callable[[int], None]) -> list[Update]:
@@ -306,7 +393,12 @@ class Stage(abc.ABC):
     Params: ClassVar[type]
     uses_seed: ClassVar[bool] = False
     #: GPUs one task of this stage asks Ray for (``--executor ray``); 0 for CPU-only stages.
+    #: Stages whose device is a parameter override :meth:`gpus` instead.
     num_gpus: ClassVar[float] = 0
+
+    def gpus(self, params: Any) -> float:
+        """GPUs one task of this stage asks Ray for, with these parameters."""
+        return self.num_gpus
 
     @abc.abstractmethod
     def run(self, inputs: list[Manifest], params: Any, ctx: Context) -> Manifest:
@@ -373,7 +465,7 @@ def map_kept(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
     kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
     env = ctx.env(stage.name, params, manifest.roots, seed=stage.uses_seed)
     return rows, kept_idx, ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name,
-                                   num_gpus=stage.num_gpus)
+                                   num_gpus=stage.gpus(params))
 
 
 def map_samples(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
@@ -432,7 +524,8 @@ def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context, *
         from_cache = False
     elapsed = time.perf_counter() - start
     if save:
-        ws.save(manifest, elapsed_s=elapsed, jobs=ctx.jobs, from_cache=from_cache)
+        ws.save(manifest, elapsed_s=elapsed, jobs=ctx.jobs, executor=ctx.executor,
+                from_cache=from_cache)
         if key and not from_cache:
             ws.cache_store(key, manifest.id)
     dropped, flagged = _notes_by(stage.name, manifest)

@@ -4,7 +4,8 @@
       workspace.json          marks the folder as a curate workspace (format version)
       HEAD                    id of the manifest the last command produced
       manifests/<id>.parquet  immutable manifests (content only, byte-identical between runs)
-      manifests/<id>.run.json run record: when, how long, with how many jobs, source folders
+      manifests/<id>.run.json run record: when, how long, on which executor with how many
+                              jobs, source folders
       store/ab/<sha256>.png   content-addressed artifacts (see curate.store)
       cache/<key>             stage cache: (input ids, stage, version, params, seed) -> output id
 """
@@ -93,7 +94,7 @@ class Workspace:
         return self.manifests_dir / f"{manifest_id}.run.json"
 
     def save(self, manifest: Manifest, *, elapsed_s: float = 0.0, jobs: int = 1,
-             from_cache: bool = False) -> None:
+             executor: str = "local", from_cache: bool = False) -> None:
         """Write ``manifest`` (if new) and its run record, and make it HEAD."""
         path = self.manifest_path(manifest.id)
         if not path.exists():
@@ -108,7 +109,8 @@ class Workspace:
             "last_produced_at": now,
         })
         if not from_cache:
-            record.update({"elapsed_s": round(elapsed_s, 3), "jobs": jobs})
+            record.update({"elapsed_s": round(elapsed_s, 3), "jobs": jobs,
+                           "executor": executor})
         atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         self.set_head(manifest.id)
 

@@ -184,15 +184,67 @@ def evaluate_category(detector, split: CategorySplit, *, eval_size: int, batch_s
                             np.stack(masks))
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """One model to train and the categories to evaluate it on: the whole multi-class run, or
+    one category of the class-separated protocol. Picklable, so that an executor can run it on
+    another machine (the export and ``models_dir`` must then be on storage it sees too)."""
+
+    export_dir: str
+    detector: str
+    categories: tuple[str, ...]
+    model_name: str
+    backbone: str | None
+    weights: Any
+    seed: int
+    device: str | None
+    iterations: int | None
+    batch_size: int | None
+    eval_size: int
+    options: tuple[tuple[str, Any], ...]
+    progress: bool
+    models_dir: str | None
+
+
+def train_and_evaluate(job: TrainJob) -> dict[str, Any]:
+    """Train ``job``'s model on its categories' training images and score each category."""
+    from . import create_detector
+
+    splits = read_mvtec(job.export_dir, list(job.categories))
+    model = create_detector(job.detector, backbone=job.backbone, weights=job.weights,
+                            seed=job.seed, device=job.device, **dict(job.options))
+    images = [p for name in job.categories for p in splits[name].train]
+    labels = [name for name in job.categories for _ in splits[name].train]
+    history = model.fit(images, labels, iterations=job.iterations, batch_size=job.batch_size,
+                        progress=job.progress)
+    saved = None
+    if job.models_dir:
+        saved = str(model.save(Path(job.models_dir) / f"{job.detector}-{job.model_name}.safetensors"))
+    results = {name: evaluate_category(model, splits[name], eval_size=job.eval_size,
+                                       batch_size=job.batch_size or 8, progress=job.progress)
+               for name in job.categories}
+    return {"results": results, "loss": float(history[-1]) if history else float("nan"),
+            "model": saved, "options": model.options, "backbone": model.backbone.describe(),
+            "iterations": model.iterations_done, "device": _device_name(model.device)}
+
+
+def _in_order(fn, jobs):
+    return map(fn, jobs)
+
+
 def run_bench(export_dir: str | Path, detector: str = "dinomaly",
               protocol: str = "multi-class", *, backbone: str | None = None, weights=None,
               seed: int = 0, device: str | None = None, iterations: int | None = None,
               batch_size: int | None = None, categories: list[str] | None = None,
               eval_size: int = 256, options: dict[str, Any] | None = None,
-              progress: bool = True, models_dir: str | Path | None = None) -> BenchResult:
-    """Train and evaluate `detector` on the export under `protocol`; see the module docstring."""
-    from . import create_detector
+              progress: bool = True, models_dir: str | Path | None = None,
+              run_jobs=_in_order) -> BenchResult:
+    """Train and evaluate `detector` on the export under `protocol`; see the module docstring.
 
+    ``run_jobs(train_and_evaluate, jobs)`` runs the training jobs (one for multi-class, one per
+    category for class-separated) and yields their results in order; the default runs them here
+    one after the other, curate's executors spread them over a Ray cluster's GPUs.
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     started = time.perf_counter()
@@ -201,40 +253,24 @@ def run_bench(export_dir: str | Path, detector: str = "dinomaly",
     if empty:
         raise ValueError(f"{export_dir}: no training images (train/good) for {', '.join(empty)}")
     order = _ordered(splits)
-    options = dict(options or {})
-
-    def new_detector():
-        return create_detector(detector, backbone=backbone, weights=weights, seed=seed,
-                               device=device, **options)
-
-    fit_kwargs = {"iterations": iterations, "batch_size": batch_size, "progress": progress}
+    groups = ([("multi-class", tuple(order))] if protocol == "multi-class"
+              else [(name, (name,)) for name in order])
+    jobs = [TrainJob(str(export_dir), detector, names, model_name, backbone, weights, seed,
+                     device, iterations, batch_size, eval_size,
+                     tuple(sorted((options or {}).items())), progress,
+                     str(models_dir) if models_dir else None)
+            for model_name, names in groups]
     results: dict[str, dict[str, float]] = {}
-    provenance_model = None
     losses: dict[str, float] = {}
     models: dict[str, str] = {}
-    if protocol == "multi-class":
-        model = new_detector()
-        images = [p for name in order for p in splits[name].train]
-        labels = [name for name in order for _ in splits[name].train]
-        history = model.fit(images, labels, **fit_kwargs)
-        losses["all"] = float(history[-1]) if history else float("nan")
-        if models_dir:
-            models["all"] = str(model.save(Path(models_dir) / f"{detector}-multi-class.safetensors"))
-        for name in order:
-            results[name] = evaluate_category(model, splits[name], eval_size=eval_size,
-                                              batch_size=batch_size or 8, progress=progress)
-        provenance_model = model
-    else:
-        for name in order:
-            model = new_detector()
-            history = model.fit(splits[name].train, [name] * len(splits[name].train),
-                                **fit_kwargs)
-            losses[name] = float(history[-1]) if history else float("nan")
-            if models_dir:
-                models[name] = str(model.save(Path(models_dir) / f"{detector}-{name}.safetensors"))
-            results[name] = evaluate_category(model, splits[name], eval_size=eval_size,
-                                              batch_size=batch_size or 8, progress=progress)
-            provenance_model = model
+    last: dict[str, Any] = {}
+    for (model_name, _), last in zip(groups, run_jobs(train_and_evaluate, jobs), strict=True):
+        results.update(last["results"])
+        key = "all" if protocol == "multi-class" else model_name
+        losses[key] = last["loss"]
+        if last["model"]:
+            models[key] = last["model"]
+    results = {name: results[name] for name in order}
     mean = _metrics().mean_over_categories(results)
     counts = {name: {"train": len(splits[name].train), "test": len(splits[name].test),
                      "anomalous": int(sum(splits[name].labels))} for name in order}
@@ -248,11 +284,11 @@ def run_bench(export_dir: str | Path, detector: str = "dinomaly",
         "export": str(Path(export_dir).resolve()),
         "export_manifest": export_meta.get("manifest"),
         "detector": detector,
-        "detector_options": provenance_model.options,
-        "backbone": provenance_model.backbone.describe(),
-        "iterations": provenance_model.iterations_done,
+        "detector_options": last["options"],
+        "backbone": last["backbone"],
+        "iterations": last["iterations"],
         "seed": seed,
-        "device": _device_name(provenance_model.device),
+        "device": last["device"],
         "torch": __import__("torch").__version__,
         "eval_size": eval_size,
         "final_loss": losses,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from curate.files import sha256_file, walk_files
 from curate.fixtures import Fixture
-from curate.runner import Context, run_stage
+from curate.manifest import Manifest, new_row
+from curate.runner import Context, Stage, map_samples, run_stage
 from curate.stages.ingest import Ingest, IngestParams
 from curate.stages.labels import Labels, LabelsParams
 
@@ -99,3 +102,55 @@ def mtd_images(root: Path, folder: str, count: int) -> list[Path]:
     if len(found) < count:
         pytest.skip(f"fewer than {count} images in {root / folder / 'Imgs'}")
     return found
+
+
+# ----------------------------------------------------------------------------- worker faults
+# A stage whose worker process dies once (executors must retry it) and whose one bad sample
+# raises (it must be dropped, not retried).
+@dataclass(frozen=True)
+class CrashParams:
+    marker: str  # the first worker to see this file missing creates it and dies
+    fail_on: str = ""
+
+
+def crash_once(row, env):
+    if row["path"] == env.params.fail_on:
+        raise ValueError("this sample is bad")
+    if row["path"] == "img05.png" and not os.path.exists(env.params.marker):
+        Path(env.params.marker).touch()
+        os._exit(1)  # the worker process dies, as an OOM kill or a lost node does
+    return {"measures": {"crash.value": float(env.rng(row).normal())}}
+
+
+class CrashOnce(Stage):
+    name = "crash_once"
+    version = "1"
+    Params = CrashParams
+    uses_seed = True
+
+    def run(self, inputs, params, ctx):
+        (m,) = inputs
+        return self.output(m, map_samples(self, m, params, ctx, crash_once), params, ctx)
+
+
+def synthetic(n=40) -> Manifest:
+    rows = [new_row(source="s", path=f"img{i:02d}.png", category="C", label="good",
+                    width=4, height=4) for i in range(n)]
+    return Manifest.build(rows, stage="ingest", stage_version="1", roots={"s": "/nowhere"})
+
+
+def tiny_diffusion_checkpoint(folder: Path, size: int = 16) -> Path:
+    """A `curate sdas train` folder holding a tiny random UNet (seeded)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from curate.diffusion.models import build_model, preset, write_model_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arch, config = preset("unet2d-tiny")
+    torch.manual_seed(0)
+    model = build_model(arch, config, size)
+    write_model_json(folder, arch, config, size)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "ema.safetensors"))
+    return folder

@@ -1,12 +1,14 @@
-"""`--executor ray`: the same manifests as the local and process executors, and faults survived.
+"""`--executor ray`: the same manifests as the local and process executors, faults survived,
+and GPU stages asking Ray for GPUs.
 
-Runs on a local Ray runtime this module starts (two CPUs) and stops.
+Runs on a local Ray runtime this module starts (two CPUs and one *declared* GPU: Ray schedules
+by resource counts, so GPU requests are exercised on a machine without one) and stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,18 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")
 
-from helpers import ingest, labels, mtd_subset  # noqa: E402
+import helpers  # noqa: E402
+from helpers import (  # noqa: E402
+    CrashOnce,
+    CrashParams,
+    ingest,
+    labels,
+    mtd_subset,
+    synthetic,
+    tiny_diffusion_checkpoint,
+)
 
-from curate.manifest import Manifest, new_row  # noqa: E402
+from curate.errors import CurateError  # noqa: E402
 from curate.runner import Context, Stage, map_samples, run_stage  # noqa: E402
 from curate.stages.dedup import Dedup, DedupParams  # noqa: E402
 from curate.stages.label_filter import LabelFilter, LabelFilterParams  # noqa: E402
@@ -27,9 +38,10 @@ from curate.workspace import Workspace  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_runtime():
-    # Ray workers do not have tests/ on their path: ship this module's functions by value.
+    # Ray workers do not have tests/ on their path: ship the tests' functions by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(helpers)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -53,41 +65,14 @@ def test_same_manifests_on_every_executor(ray_runtime, mtd_root, tmp_path):
            for executor in ("local", "process", "ray")}
     assert ids["ray"] == ids["local"] == ids["process"]
     assert len(set(ids["ray"])) == len(ids["ray"])  # every stage made a new manifest
+    # The run record says where each manifest was computed.
+    for executor in ids:
+        record = json.loads((tmp_path / executor / "manifests" /
+                             f"{ids[executor][-1]}.run.json").read_text())
+        assert record["executor"] == executor
 
 
 # ----------------------------------------------------------------------------- faults
-@dataclass(frozen=True)
-class CrashParams:
-    marker: str  # the first worker to see this file missing creates it and dies
-    fail_on: str = ""
-
-
-def crash_once(row, env):
-    if row["path"] == env.params.fail_on:
-        raise ValueError("this sample is bad")
-    if row["path"] == "img05.png" and not os.path.exists(env.params.marker):
-        Path(env.params.marker).touch()
-        os._exit(1)  # the worker process dies, as an OOM kill or a lost node does
-    return {"measures": {"crash.value": float(env.rng(row).normal())}}
-
-
-class CrashOnce(Stage):
-    name = "crash_once"
-    version = "1"
-    Params = CrashParams
-    uses_seed = True
-
-    def run(self, inputs, params, ctx):
-        (m,) = inputs
-        return self.output(m, map_samples(self, m, params, ctx, crash_once), params, ctx)
-
-
-def synthetic(n=40) -> Manifest:
-    rows = [new_row(source="s", path=f"img{i:02d}.png", category="C", label="good",
-                    width=4, height=4) for i in range(n)]
-    return Manifest.build(rows, stage="ingest", stage_version="1", roots={"s": "/nowhere"})
-
-
 def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_path):
     marker = tmp_path / "crashed"
     params = CrashParams(marker=str(marker), fail_on="img11.png")
@@ -108,8 +93,6 @@ def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_
 
 
 def test_ray_address_without_ray_executor_is_refused(tmp_path):
-    from curate.errors import CurateError
-
     with pytest.raises(CurateError, match="--executor ray"):
         Context(Workspace.open(tmp_path / "ws"), executor="process", ray_address="auto")
 
@@ -131,3 +114,146 @@ def test_cli_executor_options(ray_runtime, mtd_root, tmp_path):
     refused = runner.invoke(cli, ["ingest", "mtd", str(source), "-w", str(tmp_path / "x"),
                                   "--executor", "process", "--ray-address", "auto"])
     assert refused.exit_code == 1 and "--executor ray" in refused.output
+
+
+def test_killed_worker_in_the_process_pool_is_retried(tmp_path):
+    """The same fault under --executor process: the broken pool is replaced and the chunks
+    that did not finish run again."""
+    marker = tmp_path / "crashed"
+    params = CrashParams(marker=str(marker), fail_on="img11.png")
+    marker.touch()
+    with Context(Workspace.open(tmp_path / "clean"), executor="local", progress=False) as ctx:
+        clean = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
+    marker.unlink()
+    with Context(Workspace.open(tmp_path / "pool"), jobs=2, executor="process",
+                 progress=False) as ctx:
+        survived = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
+    assert marker.exists()
+    assert survived.id == clean.id
+
+
+# ----------------------------------------------------------------------------- GPU stages
+def assigned_gpus(job):
+    return job, list(ray.get_gpu_ids())
+
+
+def fail_on_two(job):
+    if job == 2:
+        raise CurateError("job 2 is bad")
+    return job
+
+
+def test_tasks_ask_ray_for_gpus_and_keep_their_order(ray_runtime):
+    with Context(None, executor="ray", progress=False) as ctx:
+        on_gpu = list(ctx.tasks(assigned_gpus, range(5), num_gpus=1))
+        assert [job for job, _ in on_gpu] == list(range(5))
+        assert all(len(gpus) == 1 for _, gpus in on_gpu)
+        assert all(gpus == [] for _, gpus in ctx.tasks(assigned_gpus, range(3)))
+        with pytest.raises(CurateError, match="2 GPU.*has 1"):
+            list(ctx.tasks(assigned_gpus, range(2), num_gpus=2))
+        with pytest.raises(CurateError, match="job 2 is bad"):  # raised, not retried forever
+            list(ctx.tasks(fail_on_two, range(4)))
+    with Context(None, executor="local", progress=False) as ctx:  # inline elsewhere
+        assert list(ctx.tasks(fail_on_two, [0, 1])) == [0, 1]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+def gpus_seen(row, env):
+    return {"measures": {"probe.gpus": len(ray.get_gpu_ids())}}
+
+
+class GpuProbe(Stage):
+    name = "gpu_probe"
+    version = "1"
+    Params = NoParams
+    num_gpus = 1
+
+    def run(self, inputs, params, ctx):
+        (m,) = inputs
+        return self.output(m, map_samples(self, m, params, ctx, gpus_seen), params, ctx)
+
+
+def test_a_gpu_stage_runs_its_samples_on_gpu_tasks(ray_runtime, tmp_path):
+    with Context(Workspace.open(tmp_path / "ws"), executor="ray", progress=False) as ctx:
+        out = run_stage(GpuProbe(), [synthetic(6)], NoParams(), ctx).manifest
+    assert [r["measures"]["probe.gpus"] for r in out.rows()] == [1] * 6
+
+
+def test_sdas_bank_is_the_same_from_ray_tasks(ray_runtime, tmp_path):
+    pytest.importorskip("diffusers")
+    from curate.stages.sdas import SdasSample, SdasSampleParams
+
+    checkpoint = tiny_diffusion_checkpoint(tmp_path / "ckpt")
+    params = SdasSampleParams(category="tile", checkpoint=str(checkpoint), n=5, steps=2,
+                              batch_size=2)
+    ids, files = {}, {}
+    for executor in ("local", "ray"):
+        with Context(Workspace.open(tmp_path / executor), executor=executor, seed=1,
+                     progress=False) as ctx:
+            ids[executor] = run_stage(SdasSample(), [], params, ctx).manifest.id
+        files[executor] = {p.name: p.read_bytes()
+                           for p in (tmp_path / executor / "store").rglob("*.png")}
+    assert ids["ray"] == ids["local"]
+    assert len(files["ray"]) == 5 and files["ray"] == files["local"]
+    # On a GPU device every batch is a task asking Ray for one GPU.
+    assert SdasSample().gpus(params) == 0
+    assert SdasSample().gpus(dataclasses.replace(params, device="cuda")) == 1
+
+
+def test_ssfilter_is_the_same_from_ray_tasks(ray_runtime, mtd_root, tmp_path):
+    pytest.importorskip("torch")
+    from curate.stages.ssfilter import SSFilter, SSFilterParams
+
+    source = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 10, "MT_Crack": 2})
+    params = SSFilterParams(kappa1=3, kappa2=0, batch_size=4, device="cpu")
+    ids = {}
+    for executor in ("local", "ray"):
+        with Context(Workspace.open(tmp_path / executor), executor=executor,
+                     progress=False) as ctx:
+            candidates = labels(ctx, ingest(ctx, "mtd", source))
+            result = run_stage(SSFilter(), [candidates], params, ctx).manifest
+        ids[executor] = result.id
+        assert sum("ssfilter.score" in r["measures"] for r in result.rows()) == 10
+    assert ids["ray"] == ids["local"]
+    assert SSFilter().gpus(dataclasses.replace(params, device="cuda")) == 1
+
+
+def test_bench_trains_its_models_as_ray_tasks(ray_runtime, mtd_root, tmp_path):
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from curate.cli import cli
+    from curate.export.mvtec import export_mvtec
+    from curate.stages.split import Split, SplitParams
+
+    source = mtd_subset(mtd_root, tmp_path / "mtd",
+                        {"MT_Free": 8, "MT_Blowhole": 2, "MT_Crack": 2})
+    with Context(Workspace.open(tmp_path / "ws"), progress=False) as ctx:
+        split = run_stage(Split(), [labels(ctx, ingest(ctx, "mtd", source))],
+                          SplitParams(test_fraction=0.3), ctx).manifest
+        export_mvtec(split, tmp_path / "export", ctx)
+    tables = {}
+    # Ray workers run torch on one thread; training sums in a different order on two threads,
+    # which moves these untrained tiny models' maps visibly. Compare like with like.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for executor in ("local", "ray"):
+            result = CliRunner().invoke(cli, [
+                "bench", str(tmp_path / "export"), "--detector", "cras", "--protocol",
+                "class-separated", "--backbone", "wide_resnet_tiny", "--weights", "random",
+                "--device", "cpu", "--option", "resize=80", "--option", "crop=64", "--option",
+                "embed_dim=64", "--iterations", "2", "--batch-size", "4", "--save-models",
+                "--executor", executor, "--out", str(tmp_path / executor), "--json"])
+            assert result.exit_code == 0, result.output
+            data = json.loads(result.output)
+            tables[executor] = (data["categories"], data["provenance"]["final_loss"])
+            (model,) = data["provenance"]["models"].values()
+            assert Path(model).is_file() and str(tmp_path / executor) in model
+    finally:
+        torch.set_num_threads(threads)
+    assert tables["ray"] == tables["local"]

@@ -136,57 +136,108 @@ class SdasSample(Stage):
     def roots(self, inputs, params) -> dict[str, str]:
         return {BANK_SOURCE: str(self.store_root)}
 
+    def gpus(self, params: SdasSampleParams) -> float:
+        return 1 if params.device.startswith("cuda") else 0
+
     def run(self, inputs: list[Manifest], params: SdasSampleParams, ctx: Context) -> Manifest:
-        import torch
-
-        from curate.diffusion.models import load_model
-        from curate.diffusion.sampler import RespacedSchedule, base_betas, sample, to_uint8
-
         store = ctx.workspace.store
         journal = ctx.workspace.cache_dir / f"sdas-{self.cache_key(inputs, params, ctx)}.jsonl"
         done = _read_journal(journal, store)
-        loaded = load_model(params.checkpoint, params.device)
-        labels = _labels(loaded.num_classes, params)
-        schedule = RespacedSchedule.build(base_betas(loaded.schedule), params.steps,
-                                          params.spacing)
-        autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[params.precision]
         seeds = [image_seed(ctx.seed, params.category, i) for i in range(params.n)]
         strengths = [image_strength(s, params.strength_min, params.strength_max) for s in seeds]
         batches = [list(range(b, min(params.n, b + params.batch_size)))
                    for b in range(0, params.n, params.batch_size)]
-        todo = [b for b in batches if not all(i in done for i in b)]
+        jobs = [SampleJob(params, str(store.root.absolute()), tuple(batch),
+                          tuple(seeds[i] for i in batch), tuple(strengths[i] for i in batch))
+                for batch in batches if not all(i in done for i in batch)]
+        model_info: dict[str, Any] | None = None
         with ProgressBar(ctx, f"sdas sample {params.category}", params.n) as (bar, task):
-            bar.update(task, completed=params.n - sum(len(b) for b in todo))
-            for batch in todo:
-                with torch.no_grad():
-                    images = sample(loaded.model, schedule, [seeds[i] for i in batch],
-                                    [strengths[i] for i in batch],
-                                    shape=(3, loaded.image_size, loaded.image_size),
-                                    method=params.sampler, autocast=autocast,
-                                    labels=None if labels is None else labels[:len(batch)])
-                entries = []
-                for i, pixels in zip(batch, to_uint8(images), strict=True):
-                    entries.append({"index": i, "key": store.put_pixels(pixels)})
-                    done[i] = entries[-1]["key"]
+            bar.update(task, completed=params.n - sum(len(job.indices) for job in jobs))
+            # One task per batch: under --executor ray each asks for a GPU when the device is
+            # one, and every worker loads the model once (sample_batch caches it).
+            for job, (entries, info) in zip(
+                    jobs, ctx.tasks(sample_batch, jobs, num_gpus=self.gpus(params),
+                                    desc=f"sdas sample {params.category}"), strict=True):
+                model_info = info
+                for entry in entries:
+                    done[entry["index"]] = entry["key"]
                 _append_journal(journal, entries)
-                bar.update(task, advance=len(batch))
+                bar.update(task, advance=len(entries))
                 if self.on_batch is not None:
-                    self.on_batch(batch)
+                    self.on_batch(list(job.indices))
+        if model_info is None:  # every batch was journaled by an earlier, interrupted run
+            model_info = _model_info(_cached_model(params.checkpoint, "cpu"))
+        size = model_info["image_size"]
         rows = []
         for i in range(params.n):
             measures = {"sdas.index": i, "sdas.seed": seeds[i], "sdas.strength": strengths[i],
                         "sdas.steps": params.steps, "sdas.sampler": params.sampler,
-                        "sdas.checkpoint": loaded.sha256}
+                        "sdas.checkpoint": model_info["sha256"]}
             rows.append(_synthetic_row(BANK_SOURCE, params.category, i, done[i], store.root,
-                                       (loaded.image_size, loaded.image_size, 3),
-                                       artifacts={"image": done[i]}, measures=measures))
-        options = {"category": params.category, "checkpoint": f"sha256:{loaded.sha256}",
-                   "arch": loaded.arch, "image_size": loaded.image_size}
+                                       (size, size, 3), artifacts={"image": done[i]},
+                                       measures=measures))
+        options = {"category": params.category, "checkpoint": f"sha256:{model_info['sha256']}",
+                   "arch": model_info["arch"], "image_size": size}
         return Manifest.build(rows, stage=self.name, stage_version=self.version,
                               params=self.recorded_params(params),
                               parents=[m.id for m in inputs],
                               sources={BANK_SOURCE: {"kind": "sdas", "options": options}},
                               seed=ctx.seed, roots=self.roots(inputs, params))
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    """One batch of a bank: what a worker needs to sample it and store the images."""
+
+    params: SdasSampleParams
+    store_root: str
+    indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+    strengths: tuple[float, ...]
+
+
+def sample_batch(job: SampleJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sample one batch and put its images in the store: ([{index, key}], model info).
+
+    Runs wherever the executor puts it (this process, or a Ray worker with its own GPU); the
+    images depend only on the job, never on the worker.
+    """
+    import torch
+
+    from curate.diffusion.sampler import RespacedSchedule, base_betas, sample, to_uint8
+    from curate.store import Store
+
+    params = job.params
+    loaded = _cached_model(params.checkpoint, params.device)
+    labels = _labels(loaded.num_classes, params)
+    schedule = RespacedSchedule.build(base_betas(loaded.schedule), params.steps, params.spacing)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[params.precision]
+    with torch.no_grad():
+        images = sample(loaded.model, schedule, list(job.seeds), list(job.strengths),
+                        shape=(3, loaded.image_size, loaded.image_size), method=params.sampler,
+                        autocast=autocast,
+                        labels=None if labels is None else labels[:len(job.indices)])
+    store = Store(job.store_root)
+    entries = [{"index": i, "key": store.put_pixels(pixels)}
+               for i, pixels in zip(job.indices, to_uint8(images), strict=True)]
+    return entries, _model_info(loaded)
+
+
+def _cached_model(checkpoint: str, device: str):
+    """The loaded model, once per process and weights version (a Ray worker keeps it between
+    its batches; a checkpoint rewritten by training is loaded again)."""
+    return _load_model_once(checkpoint, checkpoint_sha256(checkpoint), device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model_once(checkpoint: str, sha256: str, device: str):
+    from curate.diffusion.models import load_model
+
+    return load_model(checkpoint, device)
+
+
+def _model_info(loaded) -> dict[str, Any]:
+    return {"sha256": loaded.sha256, "arch": loaded.arch, "image_size": loaded.image_size}
 
 
 def checkpoint_sha256(checkpoint: str) -> str:

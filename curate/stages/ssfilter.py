@@ -62,7 +62,7 @@ from curate.files import walk_files
 from curate.imageio import BadImage, decode, is_image_name
 from curate.manifest import KEPT, Manifest
 from curate.patchfeatures import DEFAULT_DESCRIPTOR, WEIGHT_FREE, Descriptor, build_descriptor
-from curate.runner import Context, Stage, apply_update, params_dict
+from curate.runner import Context, SampleEnv, Stage, apply_update, params_dict
 from curate.sources.base import GOOD
 
 NOISE_FILTER = "noise_filter"
@@ -93,6 +93,9 @@ class SSFilterParams:
     cold_start: int = 1000
     passes: int = 10
     dropout: float = 0.2
+    #: torch device; None = cuda when present. With --executor ray, "cuda" makes each
+    #: category's filter a task that asks Ray for a GPU.
+    device: str | None = None
 
     def __post_init__(self):
         if self.mode not in ("lite", "full"):
@@ -449,6 +452,9 @@ class SSFilter(Stage):
             recorded["weights"] = f"sha256:{file_sha256(file)}"
         return recorded
 
+    def gpus(self, params: SSFilterParams) -> float:
+        return 1 if (params.device or "").startswith("cuda") else 0
+
     def run(self, inputs: list[Manifest], params: SSFilterParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
         rows = manifest.row_list()
@@ -457,24 +463,49 @@ class SSFilter(Stage):
         for i, row in enumerate(rows):
             if row["status"] == KEPT and row["label"] == GOOD and row["split"] != "test":
                 by_category.setdefault(row["category"], []).append(i)
+        categories = sorted(by_category)
         with ctx._progress_bar() as bar:
-            for category, members in sorted(by_category.items()):
-                task = bar.add_task(f"ssfilter {category}", total=None)
+            # One job per category (categories are filtered independently): under
+            # --executor ray each is a task, on a GPU of the cluster when the device is one.
+            jobs = []
+            for category in categories:
+                tick = None
+                if ctx.executor != "ray":  # a progress callback cannot travel to a worker
+                    task = bar.add_task(f"ssfilter {category}", total=None)
 
-                def read(k, members=members):
-                    return decode(env.read_source(rows[members[k]]))
+                    def tick(what, done, total, task=task, category=category):
+                        bar.update(task, description=f"ssfilter {category}: {what}",
+                                   completed=done, total=total)
 
-                def tick(what, done, total, task=task, category=category):
-                    bar.update(task, description=f"ssfilter {category}: {what}",
-                               completed=done, total=total)
-
-                result = run_filter(read, len(members), params,
-                                    _rng_seed(ctx.seed, category) % (2 ** 63), progress=tick)
+                jobs.append(CategoryJob(env, tuple(rows[i] for i in by_category[category]),
+                                        _rng_seed(ctx.seed, category) % (2 ** 63), tick))
+            results = ctx.tasks(filter_category, jobs, num_gpus=self.gpus(params),
+                                desc="ssfilter")
+            for category, result in zip(categories, results, strict=True):
+                members = by_category[category]
                 updates = _updates(result, [rows[i] for i in members], params)
                 for i, update in zip(members, updates, strict=True):
                     rows[i] = apply_update(rows[i], update, self.name)
-                bar.remove_task(task)
         return self.output(manifest, rows, params, ctx)
+
+
+@dataclass(frozen=True)
+class CategoryJob:
+    """One category's candidates to filter: picklable (but for the optional progress
+    callback, which only the in-process executors pass)."""
+
+    env: SampleEnv
+    rows: tuple[dict[str, Any], ...]
+    seed: int
+    progress: Callable[[str, int, int], None] | None = None
+
+
+def filter_category(job: CategoryJob) -> FilterResult:
+    def read(k: int) -> np.ndarray:
+        return decode(job.env.read_source(job.rows[k]))
+
+    return run_filter(read, len(job.rows), job.env.params, job.seed,
+                      device=job.env.params.device, progress=job.progress)
 
 
 def _updates(result: FilterResult, rows: list[dict], params: SSFilterParams
@@ -549,7 +580,8 @@ def filter_folder(folder: str | os.PathLike, out: str | os.PathLike, params: SSF
     def read(k: int) -> np.ndarray:
         return decode((folder / paths[k]).read_bytes())
 
-    result = run_filter(read, len(paths), params, seed, device=device, progress=progress)
+    result = run_filter(read, len(paths), params, seed, device=device or params.device,
+                        progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     ranks = result.ranks()
     hard = set(result.hard_normals(params.hard_normals).tolist()) if params.hard_normals else set()
