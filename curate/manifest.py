@@ -133,7 +133,8 @@ def _canonical_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return canon, stored
 
 
-def _loaded(stored: dict[str, Any]) -> dict[str, Any]:
+def manifest_row(stored: dict[str, Any]) -> dict[str, Any]:
+    """A row as the Parquet table stores it (JSON columns as text) -> the row as a dict."""
     row = dict(stored)
     for name in JSON_COLUMNS:
         row[name] = json.loads(stored[name])
@@ -227,7 +228,7 @@ class Manifest:
         """Every row as a dict, JSON columns parsed, in canonical order."""
         for batch in self.table.to_batches(max_chunksize=4096):
             for stored in batch.to_pylist():
-                yield _loaded(stored)
+                yield manifest_row(stored)
 
     def row_list(self) -> list[dict[str, Any]]:
         return list(self.rows())
@@ -284,7 +285,7 @@ class Manifest:
             problems.append(str(exc))
         stored = self.table.to_pylist()
         try:
-            validate_rows(_loaded(r) for r in stored)
+            validate_rows(manifest_row(r) for r in stored)
         except ManifestError as exc:
             problems.append(str(exc))
         if [_sort_key(r) for r in stored] != sorted(_sort_key(r) for r in stored):

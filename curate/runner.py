@@ -3,7 +3,9 @@
 A stage is a small object with a ``name``, a ``version``, a ``Params`` dataclass and
 ``run(inputs, params, ctx) -> Manifest``. Work on single samples is a pure module-level function
 ``fn(row, env) -> update`` that :meth:`Context.map` runs inline, on a process pool or as Ray
-tasks (the ``executor``: local, process, ray); results come back in input order and all
+tasks (the ``executor``: local, process, ray; with Ray, a saved input manifest is streamed to
+the workers through Ray Data instead, :meth:`Context.map_manifest`); results come back in input
+order and all
 randomness comes from ``env.rng(row)``, seeded by (seed, stage, sample id), so the output never
 depends on ``--jobs``, the executor or scheduling.
 
@@ -23,9 +25,11 @@ import abc
 import collections
 import dataclasses
 import hashlib
+import logging
 import math
 import multiprocessing
 import os
+import pickle
 import sys
 import time
 from collections import Counter
@@ -45,7 +49,7 @@ from curate.canonical import content_hash
 from curate.errors import CurateError, UnsafePathError
 from curate.files import safe_join
 from curate.imageio import BadImage
-from curate.manifest import COLUMNS, KEPT, Manifest, drop, note
+from curate.manifest import COLUMNS, KEPT, Manifest, drop, manifest_row, note
 from curate.store import Store
 from curate.workspace import Workspace
 
@@ -144,6 +148,19 @@ def _ray_run_job(ray):
     if _RAY_JOB is None:
         _RAY_JOB = ray.remote(max_retries=3, retry_exceptions=False)(_call)
     return _RAY_JOB
+
+
+def _parquet_batch(table, fn: Callable[[dict, SampleEnv], Update], env: SampleEnv
+                   ) -> dict[str, np.ndarray]:
+    """A Ray Data batch of a manifest's Parquet table -> the updates of its kept rows.
+
+    Rows are decoded exactly as :meth:`Manifest.rows` decodes them, so ``fn`` sees the same
+    dicts as with the other executors; dropped rows give no output row."""
+    rows = [row for row in map(manifest_row, table.to_pylist()) if row["status"] == KEPT]
+    # One opaque value per batch: Ray Data would turn a column of dicts into an Arrow struct,
+    # unifying their keys (an empty dict comes back None, absent keys as None). Pickle is what
+    # Ray itself uses between its workers; these bytes never leave the cluster's object store.
+    return {"updates": np.array([pickle.dumps(_run_chunk(fn, rows, env))], dtype=object)}
 
 
 def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, Any]:
@@ -347,6 +364,52 @@ class Context:
             raise CurateError(f"{desc or 'a Ray task'}: failed even after retries: "
                               f"{exc}") from exc
 
+    def map_manifest(self, fn: Callable[[dict, SampleEnv], Update], manifest: Manifest,
+                     env: SampleEnv, desc: str, *, num_gpus: float = 0
+                     ) -> list[Update] | None:
+        """``fn`` over the kept rows of a manifest saved in the workspace, through Ray Data:
+        ``read_parquet`` of its file → ``map_batches`` (bounded batches, streamed, in order)
+        → the updates, in the manifest's order. The driver never ships the rows: workers read
+        them from the shared workspace. None when this does not apply (another executor, or a
+        manifest not saved yet); the caller then uses :meth:`map`."""
+        if self.executor != "ray" or self.workspace is None:
+            return None
+        path = self.workspace.manifest_path(manifest.id)
+        if not path.is_file():
+            return None
+        kept = manifest.header["counts"]["kept"]
+        if kept == 0:
+            return []
+        ray = self._ray()
+        from ray.data import DataContext
+
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        size = max(1, min(256, math.ceil(manifest.header["counts"]["samples"] / (cpus * 8))))
+        data_context = DataContext.get_current()
+        data_context.execution_options.preserve_order = True
+        data_context.enable_progress_bars = False  # curate shows its own bar
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        blocks = max(1, math.ceil(len(manifest) / size))
+        dataset = ray.data.read_parquet(str(path.absolute()), override_num_blocks=blocks)
+        remote_args = {"num_gpus": num_gpus} if num_gpus else {}
+        dataset = dataset.map_batches(_parquet_batch, batch_size=size, batch_format="pyarrow",
+                                      fn_args=(fn, env), **remote_args)
+        updates: list[Update] = []
+        with self._progress_bar() as bar:
+            task = bar.add_task(desc, total=kept)
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    for blob in batch["updates"]:
+                        updates.extend(pickle.loads(blob))
+                    bar.update(task, completed=len(updates))
+            except ray.exceptions.RayError as exc:
+                raise CurateError(f"stage {env.stage!r}: Ray Data failed even after "
+                                  f"retries: {exc}") from exc
+        if len(updates) != kept:
+            raise CurateError(f"stage {env.stage!r}: Ray Data returned {len(updates)} results "
+                              f"for {kept} kept samples of {path}")
+        return updates
+
     def _map_ray(self, fn, rows: list[dict], env: SampleEnv, num_gpus: float,
                  advance: Callable[[int], None]) -> list[Update]:
         """Chunks of rows as Ray tasks, at most two per CPU of the cluster in flight, so the
@@ -464,6 +527,10 @@ def map_kept(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
     rows = manifest.row_list()
     kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
     env = ctx.env(stage.name, params, manifest.roots, seed=stage.uses_seed)
+    streamed = ctx.map_manifest(fn, manifest, env, desc or stage.name,
+                                num_gpus=stage.gpus(params))
+    if streamed is not None:
+        return rows, kept_idx, streamed
     return rows, kept_idx, ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name,
                                    num_gpus=stage.gpus(params))
 

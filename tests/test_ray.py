@@ -29,6 +29,7 @@ from helpers import (  # noqa: E402
 )
 
 from curate.errors import CurateError  # noqa: E402
+from curate.manifest import drop  # noqa: E402
 from curate.runner import Context, Stage, map_samples, run_stage  # noqa: E402
 from curate.stages.dedup import Dedup, DedupParams  # noqa: E402
 from curate.stages.label_filter import LabelFilter, LabelFilterParams  # noqa: E402
@@ -73,7 +74,10 @@ def test_same_manifests_on_every_executor(ray_runtime, mtd_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- faults
-def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_path):
+@pytest.mark.parametrize("saved", [True, False], ids=["ray-data", "ray-tasks"])
+def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_path, saved):
+    """Through Ray Data (the input manifest is saved: workers read its Parquet file) and
+    through plain tasks (an input only in memory)."""
     marker = tmp_path / "crashed"
     params = CrashParams(marker=str(marker), fail_on="img11.png")
 
@@ -84,12 +88,37 @@ def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_
     marker.unlink()
 
     with Context(Workspace.open(tmp_path / "ray"), executor="ray", progress=False) as ctx:
-        survived = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
+        source = synthetic()
+        if saved:
+            ctx.workspace.save(source)
+        streamed = ctx.map_manifest(crash_free, source, ctx.env("probe", params, {}), "probe")
+        assert (streamed is not None) == saved
+        survived = run_stage(CrashOnce(), [source], params, ctx).manifest
     assert marker.exists()  # a worker really died
     assert survived.id == clean.id
     dropped = [r for r in survived.rows() if r["status"] == "dropped"]
     assert [r["path"] for r in dropped] == ["img11.png"]
     assert "this sample is bad" in dropped[0]["reasons"][0]["detail"]
+
+
+def crash_free(row, env):
+    return {"measures": {"probe.path": row["path"]}}
+
+
+def test_ray_data_streams_a_saved_manifest_in_order(ray_runtime, tmp_path):
+    source = synthetic(700)
+    rows = source.row_list()
+    drop(rows[3], "probe", "test", "dropped rows are skipped, not mapped")
+    manifest = source.derive(rows, stage="probe", stage_version="1", params={})
+    with Context(Workspace.open(tmp_path / "ws"), executor="ray", progress=False) as ctx:
+        env = ctx.env("probe", None, {})
+        assert ctx.map_manifest(crash_free, manifest, env, "probe") is None  # not saved yet
+        ctx.workspace.save(manifest)
+        streamed = ctx.map_manifest(crash_free, manifest, env, "probe")
+    kept = [r["path"] for r in manifest.rows() if r["status"] == "kept"]
+    assert [u["measures"]["probe.path"] for u in streamed] == kept and len(kept) == 699
+    with Context(Workspace.open(tmp_path / "ws"), executor="process", progress=False) as ctx:
+        assert ctx.map_manifest(crash_free, manifest, env, "probe") is None
 
 
 def test_ray_address_without_ray_executor_is_refused(tmp_path):
