@@ -1,4 +1,4 @@
-"""dedup + quality on many generated images, with the process pool and with Ray, side by side.
+"""dedup + quality on many generated images: the process pool, Ray tasks and Ray Data, side by side.
 
 Generates N small grayscale PNG textures (64×64, seeded, one in 50 an exact copy of another so
 dedup has work) in an MVTec layout once under --scratch, ingests them, then times dedup +
@@ -97,12 +97,14 @@ def run_one(executor: str, source: Path, scratch: Path, jobs: int) -> dict:
     out: dict = {"executor": executor}
     with PeakRSS() as peak:
         t = time.perf_counter()
-        if executor == "ray":
+        on_ray = executor.startswith("ray")
+        if on_ray:
             import ray
 
             ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
         out["startup_s"] = time.perf_counter() - t
-        with Context(ws, jobs=jobs, executor=executor, progress=False) as ctx:
+        with Context(ws, jobs=jobs, executor="ray" if on_ray else executor,
+                     ray_data=executor == "ray-data", progress=False) as ctx:
             t = time.perf_counter()
             m = run_stage(Ingest(source), [], IngestParams(kind="mvtec"), ctx).manifest
             out["ingest_s"] = time.perf_counter() - t
@@ -112,7 +114,7 @@ def run_one(executor: str, source: Path, scratch: Path, jobs: int) -> dict:
             t = time.perf_counter()
             q = run_stage(Quality(), [d], QualityParams(), ctx).manifest
             out["quality_s"] = time.perf_counter() - t
-        if executor == "ray":
+        if on_ray:
             ray.shutdown()
     out.update(peak_rss_mb=peak.peak / 2**20, samples=m.header["counts"]["samples"],
                kept=q.header["counts"]["kept"], manifest=q.id,
@@ -125,7 +127,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "curate-scale")
-    ap.add_argument("--executors", default="process,ray")
+    ap.add_argument("--executors", default="process,ray,ray-data",
+                    help="ray: rows as Ray tasks; ray-data: --ray-data (Ray Data reads the "
+                         "saved manifests)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one executor, print JSON
     args = ap.parse_args()
     source = args.scratch / f"images-{args.n}"
@@ -148,13 +152,13 @@ def main() -> None:
         print(f"{r['executor']:<9} {r['startup_s']:>8.2f} {r['ingest_s']:>9.2f} "
               f"{r['dedup_s']:>8.2f} {r['quality_s']:>10.2f} {r['throughput']:>20.0f} "
               f"{r['peak_rss_mb']:>12.0f}  {r['manifest'][:12]}")
-    if len(results) == 2:
-        a, b = results
-        print(f"\n{b['executor']} / {a['executor']} throughput: "
-              f"{b['throughput'] / a['throughput']:.2f} (target ≥ 0.80); same manifest: "
-              f"{a['manifest'] == b['manifest']}; manifest {a['manifest_bytes']:,} bytes for "
-              f"{a['samples']:,} rows ({a['manifest_bytes'] / a['samples']:.0f} B/row)")
-
+    base = results[0]
+    for other in results[1:]:
+        print(f"\n{other['executor']} / {base['executor']} throughput: "
+              f"{other['throughput'] / base['throughput']:.2f} (target ≥ 0.80); same manifest: "
+              f"{base['manifest'] == other['manifest']}")
+    print(f"manifest {base['manifest_bytes']:,} bytes for {base['samples']:,} rows "
+          f"({base['manifest_bytes'] / base['samples']:.0f} B/row)")
 
 if __name__ == "__main__":
     main()

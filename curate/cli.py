@@ -49,7 +49,7 @@ class Failure(click.ClickException):
 
 
 def common_options(fn: Callable) -> Callable:
-    """--workspace --seed --jobs --executor --ray-address --json on every command, and
+    """--workspace --seed --jobs --executor --ray-address --ray-data --json on every command, and
     CurateError -> exit 1. The executor options are kept on the click context for
     :func:`_context` (every command that runs stages builds its Context there)."""
 
@@ -67,11 +67,16 @@ def common_options(fn: Callable) -> Callable:
     @click.option("--ray-address", default=None, metavar="ADDRESS",
                   help="Ray cluster to join with --executor ray (e.g. 'auto' or "
                        "'ray://head:10001'); default: a local Ray runtime.")
+    @click.option("--ray-data", is_flag=True,
+                  help="With --executor ray: workers read each saved input manifest through "
+                       "Ray Data (read_parquet -> map_batches) instead of receiving its rows "
+                       "as tasks.")
     @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
     @functools.wraps(fn)
-    def wrapper(*args, executor, ray_address, **kwargs):
+    def wrapper(*args, executor, ray_address, ray_data, **kwargs):
         meta = click.get_current_context().meta
         meta["curate.executor"], meta["curate.ray_address"] = executor, ray_address
+        meta["curate.ray_data"] = ray_data
         try:
             return fn(*args, **kwargs)
         except CurateError as exc:
@@ -85,7 +90,8 @@ def _context(workspace: Path, seed: int, jobs: int, *, create: bool = True) -> C
     meta = click_ctx.meta if click_ctx is not None else {}
     return Context(Workspace.open(workspace, create=create), jobs=jobs, seed=seed,
                    console=stderr, executor=meta.get("curate.executor"),
-                   ray_address=meta.get("curate.ray_address"))
+                   ray_address=meta.get("curate.ray_address"),
+                   ray_data=meta.get("curate.ray_data", False))
 
 
 def _emit_json(data: Any) -> None:

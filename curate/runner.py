@@ -3,9 +3,9 @@
 A stage is a small object with a ``name``, a ``version``, a ``Params`` dataclass and
 ``run(inputs, params, ctx) -> Manifest``. Work on single samples is a pure module-level function
 ``fn(row, env) -> update`` that :meth:`Context.map` runs inline, on a process pool or as Ray
-tasks (the ``executor``: local, process, ray; with Ray, a saved input manifest is streamed to
-the workers through Ray Data instead, :meth:`Context.map_manifest`); results come back in input
-order and all
+tasks (the ``executor``: local, process, ray; with Ray and ``ray_data``, a saved input manifest
+is streamed to the workers through Ray Data instead, :meth:`Context.map_manifest`); results
+come back in input order and all
 randomness comes from ``env.rng(row)``, seeded by (seed, stage, sample id), so the output never
 depends on ``--jobs``, the executor or scheduling.
 
@@ -195,6 +195,8 @@ class Context:
 
     ``executor`` is ``local`` (inline), ``process`` (a pool of ``jobs`` forked processes) or
     ``ray`` (Ray tasks on the cluster at ``ray_address``, or on a local Ray runtime when None).
+    With ``ray_data``, a stage whose input manifest is saved streams it to the workers through
+    Ray Data instead of sending rows as tasks (:meth:`map_manifest`).
     None means ``ray`` when a ``ray_address`` is given, else ``process`` when ``jobs`` > 1, else
     ``local``. Every executor gives the same results in the same order, so the manifests do not
     depend on it.
@@ -202,7 +204,8 @@ class Context:
 
     def __init__(self, workspace: Workspace | None, *, jobs: int = 1, seed: int = 0,
                  progress: bool | None = None, console: Console | None = None,
-                 executor: str | None = None, ray_address: str | None = None):
+                 executor: str | None = None, ray_address: str | None = None,
+                 ray_data: bool = False):
         if jobs < 1:
             raise CurateError(f"--jobs must be at least 1, got {jobs}")
         if executor is None:
@@ -212,11 +215,14 @@ class Context:
                               f"{', '.join(EXECUTORS)}")
         if ray_address is not None and executor != "ray":
             raise CurateError("--ray-address needs --executor ray")
+        if ray_data and executor != "ray":
+            raise CurateError("--ray-data needs --executor ray")
         self.workspace = workspace
         self.jobs = jobs
         self.seed = seed
         self.executor = executor
         self.ray_address = ray_address
+        self.ray_data = ray_data
         self.console = console or Console(stderr=True)
         self.progress = self.console.is_terminal if progress is None else progress
         self._pool: Executor | None = None
@@ -371,8 +377,8 @@ class Context:
         ``read_parquet`` of its file → ``map_batches`` (bounded batches, streamed, in order)
         → the updates, in the manifest's order. The driver never ships the rows: workers read
         them from the shared workspace. None when this does not apply (another executor, or a
-        manifest not saved yet); the caller then uses :meth:`map`."""
-        if self.executor != "ray" or self.workspace is None:
+        manifest not saved yet, ``ray_data`` off); the caller then uses :meth:`map`."""
+        if self.executor != "ray" or not self.ray_data or self.workspace is None:
             return None
         path = self.workspace.manifest_path(manifest.id)
         if not path.is_file():
@@ -389,8 +395,10 @@ class Context:
         data_context.execution_options.preserve_order = True
         data_context.enable_progress_bars = False  # curate shows its own bar
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # One manifest file reads as one block, and map_batches runs one task per block:
+        # split it so that the batches spread over the cluster.
         blocks = max(1, math.ceil(len(manifest) / size))
-        dataset = ray.data.read_parquet(str(path.absolute()), override_num_blocks=blocks)
+        dataset = ray.data.read_parquet(str(path.absolute())).repartition(blocks)
         remote_args = {"num_gpus": num_gpus} if num_gpus else {}
         dataset = dataset.map_batches(_parquet_batch, batch_size=size, batch_format="pyarrow",
                                       fn_args=(fn, env), **remote_args)

@@ -48,8 +48,10 @@ def ray_runtime():
 
 
 def pipeline(ws: Path, source: Path, executor: str) -> list[str]:
-    """ingest → labels → dedup → quality → label_filter; the manifest id after each stage."""
-    with Context(Workspace.open(ws), jobs=2, executor=executor, progress=False) as ctx:
+    """ingest → labels → dedup → quality → label_filter; the manifest id after each stage.
+    ``ray-data``: Ray, with every stage after ingest streaming its input through Ray Data."""
+    with Context(Workspace.open(ws), jobs=2, executor=executor.removesuffix("-data"),
+                 ray_data=executor == "ray-data", progress=False) as ctx:
         manifests = [ingest(ctx, "mtd", source)]
         manifests.append(labels(ctx, manifests[-1]))
         for stage, params in ((Dedup(), DedupParams()),
@@ -63,14 +65,14 @@ def test_same_manifests_on_every_executor(ray_runtime, mtd_root, tmp_path):
     source = mtd_subset(mtd_root, tmp_path / "mtd",
                         {"MT_Free": 12, "MT_Blowhole": 4, "MT_Crack": 4, "MT_Fray": 3})
     ids = {executor: pipeline(tmp_path / executor, source, executor)
-           for executor in ("local", "process", "ray")}
-    assert ids["ray"] == ids["local"] == ids["process"]
+           for executor in ("local", "process", "ray", "ray-data")}
+    assert ids["ray"] == ids["ray-data"] == ids["local"] == ids["process"]
     assert len(set(ids["ray"])) == len(ids["ray"])  # every stage made a new manifest
     # The run record says where each manifest was computed.
     for executor in ids:
         record = json.loads((tmp_path / executor / "manifests" /
                              f"{ids[executor][-1]}.run.json").read_text())
-        assert record["executor"] == executor
+        assert record["executor"] == executor.removesuffix("-data")
 
 
 # ----------------------------------------------------------------------------- faults
@@ -87,7 +89,8 @@ def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_
         clean = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
     marker.unlink()
 
-    with Context(Workspace.open(tmp_path / "ray"), executor="ray", progress=False) as ctx:
+    with Context(Workspace.open(tmp_path / "ray"), executor="ray", ray_data=saved,
+                 progress=False) as ctx:
         source = synthetic()
         if saved:
             ctx.workspace.save(source)
@@ -110,20 +113,23 @@ def test_ray_data_streams_a_saved_manifest_in_order(ray_runtime, tmp_path):
     rows = source.row_list()
     drop(rows[3], "probe", "test", "dropped rows are skipped, not mapped")
     manifest = source.derive(rows, stage="probe", stage_version="1", params={})
-    with Context(Workspace.open(tmp_path / "ws"), executor="ray", progress=False) as ctx:
+    with Context(Workspace.open(tmp_path / "ws"), executor="ray", ray_data=True,
+                 progress=False) as ctx:
         env = ctx.env("probe", None, {})
         assert ctx.map_manifest(crash_free, manifest, env, "probe") is None  # not saved yet
         ctx.workspace.save(manifest)
         streamed = ctx.map_manifest(crash_free, manifest, env, "probe")
     kept = [r["path"] for r in manifest.rows() if r["status"] == "kept"]
     assert [u["measures"]["probe.path"] for u in streamed] == kept and len(kept) == 699
-    with Context(Workspace.open(tmp_path / "ws"), executor="process", progress=False) as ctx:
-        assert ctx.map_manifest(crash_free, manifest, env, "probe") is None
+    with Context(Workspace.open(tmp_path / "ws"), executor="ray", progress=False) as ctx:
+        assert ctx.map_manifest(crash_free, manifest, env, "probe") is None  # --ray-data off
 
 
-def test_ray_address_without_ray_executor_is_refused(tmp_path):
+def test_ray_options_without_ray_executor_are_refused(tmp_path):
     with pytest.raises(CurateError, match="--executor ray"):
         Context(Workspace.open(tmp_path / "ws"), executor="process", ray_address="auto")
+    with pytest.raises(CurateError, match="--executor ray"):
+        Context(Workspace.open(tmp_path / "ws"), executor="local", ray_data=True)
 
 
 def test_cli_executor_options(ray_runtime, mtd_root, tmp_path):
@@ -135,10 +141,16 @@ def test_cli_executor_options(ray_runtime, mtd_root, tmp_path):
     runner = CliRunner()
     ids = []
     for executor in ("local", "ray"):
-        result = runner.invoke(cli, ["ingest", "mtd", str(source), "-w", str(tmp_path / executor),
+        ws = str(tmp_path / executor)
+        result = runner.invoke(cli, ["ingest", "mtd", str(source), "-w", ws,
                                      "--executor", executor, "--json"])
         assert result.exit_code == 0, result.output
-        ids.append(json.loads(result.output)[0]["manifest"])
+        ray_data = ["--ray-data"] if executor == "ray" else []
+        deduped = runner.invoke(cli, ["dedup", "-w", ws, "--executor", executor, *ray_data,
+                                      "--json"])
+        assert deduped.exit_code == 0, deduped.output
+        ids.append((json.loads(result.output)[0]["manifest"],
+                    json.loads(deduped.output)[0]["manifest"]))
     assert ids[0] == ids[1]
     refused = runner.invoke(cli, ["ingest", "mtd", str(source), "-w", str(tmp_path / "x"),
                                   "--executor", "process", "--ray-address", "auto"])
