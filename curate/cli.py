@@ -992,6 +992,9 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
               help="Backbone weight file or folder (default: local caches; 'random' for tests).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
               help="Square size images are resized to  [default: 256, 224 for DINOv2]")
+@click.option("--border", type=click.FloatRange(0, 0.5, max_open=True), default=0.04,
+              show_default=True, help="randconv: share of each side of an image left out of "
+              "its patches (fixture edges and dark strips along a side outrank real defects).")
 @click.option("--recall-tau", type=float, default=3.0, show_default=True,
               help="Lite: also judge normal the upper-half samples within this many standard "
                    "deviations of the lower half's mean (negative: lower half only).")
@@ -1007,7 +1010,7 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
                    "makes each category a Ray task that asks for one GPU.")
 @common_options
 def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weights, image_size,
-                 recall_tau, hard_normals, no_drop, iterations, cold_start, device, workspace,
+                 border, recall_tau, hard_normals, no_drop, iterations, cold_start, device, workspace,
                  seed, jobs, as_json):
     """Remove anomalies hidden in a normal training set (SSFilter).
 
@@ -1030,7 +1033,7 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
                       "pip install 'curate[detectors]'") from exc
     params = make_params(SSFilter, {
         "mode": mode, "kappa1": kappa1, "kappa2": kappa2, "batch_size": batch_size,
-        "backbone": backbone, "weights": weights, "image_size": image_size,
+        "backbone": backbone, "weights": weights, "image_size": image_size, "border": border,
         "recall_tau": None if recall_tau < 0 else recall_tau, "hard_normals": hard_normals,
         "drop": not no_drop, "iterations": iterations, "cold_start": cold_start,
         "device": device})

@@ -349,3 +349,29 @@ def test_no_drop_flags_the_most_anomalous_of_all(tmp_path, mtd_like):
                     key=lambda r: -r["measures"]["ssfilter.score"])
     flagged = [r["path"] for r in scored if any(f["code"] == "hard_normal" for f in r["flags"])]
     assert flagged == [r["path"] for r in scored[:4]]
+
+
+def test_randconv_leaves_the_frame_out_and_keeps_small_defects():
+    """The border: a dark strip along one side (a fixture edge) moves the patches much less
+    than with no border (it still shifts the image's statistics a little everywhere); a small
+    hole in the middle moves the cells around it several times more."""
+    from curate.patchfeatures import RandomConvDescriptor
+
+    rng = np.random.default_rng(3)
+    plain = texture(rng, 256)
+    strip, hole = plain.copy(), plain.copy()
+    strip[:, :6] = 20                                  # 2.3 % of the width
+    cv2.circle(hole, (128, 120), 5, 20, -1)
+
+    def moved(border, other):
+        desc = RandomConvDescriptor(256, border=border)
+        a, b = desc.describe([plain, other])
+        return (a - b).norm(dim=1)                     # per cell
+
+    framed, unframed = moved(0.04, strip), moved(0.0, strip)
+    assert framed.max() < 0.75 * unframed.max()
+    by_hole = moved(0.04, hole)
+    assert by_hole.max() > 5 * framed.max()
+    assert int((by_hole > 0.5 * by_hole.max()).sum()) <= 4   # local: a few cells of 64
+    with pytest.raises(ValueError, match="border"):
+        SSFilterParams(border=0.5)

@@ -84,7 +84,11 @@ class SSFilterParams:
     weights: str | None = None
     image_size: int | None = None
     sim_ratio: float = 0.001
-    image_ratio: float = 0.01
+    #: Share of an image's patch scores averaged into its score; None: the descriptor's
+    #: (1 % of the 16×16 backbone grid as in the paper, 5 % of randconv's 8×8 grid).
+    image_ratio: float | None = None
+    #: randconv: share of each side of the image left out of its patches.
+    border: float = 0.04
     recall_tau: float | None = 3.0
     hard_normals: int = 0
     drop: bool = True
@@ -105,8 +109,10 @@ class SSFilterParams:
                              f"{self.kappa2}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
-        if not (0 < self.sim_ratio <= 1 and 0 < self.image_ratio <= 1):
+        if not (0 < self.sim_ratio <= 1 and 0 < (self.image_ratio or 1) <= 1):
             raise ValueError("sim_ratio and image_ratio must be in (0, 1]")
+        if not 0 <= self.border < 0.5:
+            raise ValueError(f"border must be in [0, 0.5), got {self.border}")
         if self.hard_normals < 0:
             raise ValueError(f"hard_normals must be >= 0, got {self.hard_normals}")
         if self.mode == "full":
@@ -296,7 +302,8 @@ def run_filter(read: ImageSource, n: int, params: SSFilterParams, seed: int, *,
         return run_full(read, n, params, seed, device=device, progress=progress,
                         chunk_rows=chunk_rows)
     descriptor = build_descriptor(params.backbone, params.weights, image_size=params.image_size,
-                                  seed=0, device=device)
+                                  seed=0, device=device, border=params.border)
+    image_ratio = params.image_ratio or descriptor.image_ratio
     tick = (lambda done: progress("features", done, n)) if progress else None
     bank, failed = describe_all(read, n, descriptor, params.batch_size, tick, memory_limit)
     try:
@@ -314,7 +321,7 @@ def run_filter(read: ImageSource, n: int, params: SSFilterParams, seed: int, *,
             for members in partition:
                 idx = good[members]
                 a, _ = mutual_scores(bank.batch(idx, device), params.sim_ratio,
-                                     params.image_ratio, metric=descriptor.metric,
+                                     image_ratio, metric=descriptor.metric,
                                      chunk_rows=chunk_rows)
                 a = a.cpu().double().numpy()
                 total[idx] += a
@@ -345,7 +352,8 @@ def _batch_scores(det, x: torch.Tensor, params: SSFilterParams, chunk_rows: int
     encoder = det.backbone.module
     with torch.no_grad(), det.autocast():
         z = vit_patch_features(encoder(x, depth=8), encoder.num_prefix_tokens)
-        a, _ = mutual_scores(z, params.sim_ratio, params.image_ratio, chunk_rows=chunk_rows)
+        a, _ = mutual_scores(z, params.sim_ratio, params.image_ratio or 0.01,
+                             chunk_rows=chunk_rows)
         det.bottleneck.train()  # dropout on: each pass is one masked model (Eq. 2)
         passes = []
         for _ in range(params.passes):
@@ -437,7 +445,7 @@ def _round(value: float) -> float:
 
 class SSFilter(Stage):
     name = "ssfilter"
-    version = "1"
+    version = "2"
     Params = SSFilterParams
     uses_seed = True
 
