@@ -7,7 +7,8 @@ more than ``kappa2`` of them (Sec. 3.6). Two modes:
 - **lite** (no training): the batch score is Algorithm 1, the patch comparison score. In each
   batch every patch is compared (cosine) with every patch of the *other* images of the batch
   (same-image blocks masked out); its patch score is 1 − the mean of its top 0.1 % similarities
-  (``sim_ratio``), and the image score the mean of its top 1 % patch scores (``image_ratio``).
+  (``sim_ratio``), and the image score the mean of its top 1 % patch scores (``image_ratio``;
+  5 % of the weight-free descriptors' 8×8 grid, the same 2-3 patches).
   *Judged normal* in a batch: the lower half of the batch's scores (Eq. 5, ``m = n // 2``),
   plus — the lite counterpart of Eq. 7's recall term, which needs the model's uncertainty — the
   upper-half samples whose score is within ``recall_tau`` standard deviations of the lower
