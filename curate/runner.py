@@ -122,32 +122,22 @@ def _import_ray():
     return ray
 
 
-_RAY_TASK = None
+_RAY_REMOTES: dict[Callable, Any] = {}
 
 
-def _ray_run_chunk(ray):
-    """:func:`_run_chunk` as a Ray remote function (made once, when Ray is first used)."""
-    global _RAY_TASK
-    if _RAY_TASK is None:
-        # max_retries: a chunk whose worker process died runs again (the store's writes are
-        # atomic and content-addressed, so a half-done chunk leaves nothing wrong behind).
-        _RAY_TASK = ray.remote(max_retries=3, retry_exceptions=False)(_run_chunk)
-    return _RAY_TASK
+def _ray_remote(ray, fn: Callable):
+    """``fn`` as a Ray remote function (made once per function, when Ray is first used).
+
+    max_retries: a task whose worker process died runs again (the store's writes are atomic
+    and content-addressed, so a half-done task leaves nothing wrong behind); an exception
+    raised by ``fn`` is not retried."""
+    if fn not in _RAY_REMOTES:
+        _RAY_REMOTES[fn] = ray.remote(max_retries=3, retry_exceptions=False)(fn)
+    return _RAY_REMOTES[fn]
 
 
 def _call(fn: Callable[[Any], Any], job: Any) -> Any:
     return fn(job)
-
-
-_RAY_JOB = None
-
-
-def _ray_run_job(ray):
-    """:func:`_call` as a Ray remote function: one whole job (a batch for a model) per task."""
-    global _RAY_JOB
-    if _RAY_JOB is None:
-        _RAY_JOB = ray.remote(max_retries=3, retry_exceptions=False)(_call)
-    return _RAY_JOB
 
 
 def _parquet_batch(table, fn: Callable[[dict, SampleEnv], Update], env: SampleEnv
@@ -351,7 +341,8 @@ class Context:
             raise CurateError(f"{desc or 'this stage'} asks Ray for {num_gpus} GPU(s) per "
                               f"task and the cluster has {resources.get('GPU', 0)}: start "
                               "workers with GPUs, or run on the CPU (--device cpu)")
-        remote = _ray_run_job(ray).options(num_gpus=num_gpus) if num_gpus else _ray_run_job(ray)
+        remote = _ray_remote(ray, _call)
+        remote = remote.options(num_gpus=num_gpus) if num_gpus else remote
         fn_ref = ray.put(fn)
         pending: collections.deque = collections.deque()
         for job in jobs:
@@ -427,8 +418,8 @@ class Context:
         ray = self._ray()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         size = max(1, min(256, math.ceil(len(rows) / (cpus * 8))))
-        remote = _ray_run_chunk(ray).options(num_gpus=num_gpus) if num_gpus else \
-            _ray_run_chunk(ray)
+        remote = _ray_remote(ray, _run_chunk)
+        remote = remote.options(num_gpus=num_gpus) if num_gpus else remote
         env_ref = ray.put(env)
         pending: collections.deque = collections.deque()
         results: list[Update] = []

@@ -76,18 +76,23 @@ def test_same_manifests_on_every_executor(ray_runtime, mtd_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- faults
-@pytest.mark.parametrize("saved", [True, False], ids=["ray-data", "ray-tasks"])
-def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_path, saved):
-    """Through Ray Data (the input manifest is saved: workers read its Parquet file) and
-    through plain tasks (an input only in memory)."""
+def crash_reference(tmp_path: Path):
+    """(marker, params, the stage's output inline and without the crash): the marker exists
+    while the reference runs, and is removed after, so the next run's worker dies once."""
     marker = tmp_path / "crashed"
     params = CrashParams(marker=str(marker), fail_on="img11.png")
-
-    # Reference run, inline and without the crash (the marker already exists).
     marker.touch()
     with Context(Workspace.open(tmp_path / "clean"), executor="local", progress=False) as ctx:
         clean = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
     marker.unlink()
+    return marker, params, clean
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["ray-data", "ray-tasks"])
+def test_killed_worker_is_retried_and_a_raising_sample_dropped(ray_runtime, tmp_path, saved):
+    """Through Ray Data (the input manifest is saved: workers read its Parquet file) and
+    through plain tasks (an input only in memory)."""
+    marker, params, clean = crash_reference(tmp_path)
 
     with Context(Workspace.open(tmp_path / "ray"), executor="ray", ray_data=saved,
                  progress=False) as ctx:
@@ -160,12 +165,7 @@ def test_cli_executor_options(ray_runtime, mtd_root, tmp_path):
 def test_killed_worker_in_the_process_pool_is_retried(tmp_path):
     """The same fault under --executor process: the broken pool is replaced and the chunks
     that did not finish run again."""
-    marker = tmp_path / "crashed"
-    params = CrashParams(marker=str(marker), fail_on="img11.png")
-    marker.touch()
-    with Context(Workspace.open(tmp_path / "clean"), executor="local", progress=False) as ctx:
-        clean = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
-    marker.unlink()
+    marker, params, clean = crash_reference(tmp_path)
     with Context(Workspace.open(tmp_path / "pool"), jobs=2, executor="process",
                  progress=False) as ctx:
         survived = run_stage(CrashOnce(), [synthetic()], params, ctx).manifest
