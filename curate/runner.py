@@ -142,10 +142,11 @@ def _call(fn: Callable[[Any], Any], job: Any) -> Any:
 
 def _parquet_batch(table, fn: Callable[[dict, SampleEnv], Update], env: SampleEnv
                    ) -> dict[str, np.ndarray]:
-    """A Ray Data batch of a manifest's Parquet table -> the updates of its kept rows.
+    """A Ray Data batch of a manifest's Parquet table -> the updates of its kept rows, in order
+    (dropped rows are skipped), as one output row.
 
     Rows are decoded exactly as :meth:`Manifest.rows` decodes them, so ``fn`` sees the same
-    dicts as with the other executors; dropped rows give no output row."""
+    dicts as with the other executors."""
     rows = [row for row in map(manifest_row, table.to_pylist()) if row["status"] == KEPT]
     # One opaque value per batch: Ray Data would turn a column of dicts into an Arrow struct,
     # unifying their keys (an empty dict comes back None, absent keys as None). Pickle is what
