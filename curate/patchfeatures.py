@@ -31,6 +31,7 @@ over the batch (``metric``; see ``curate.stages.ssfilter.mutual_scores`` for why
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ def _standard_grey(images: Sequence[np.ndarray], size: int, flatten_sigma: float
 
 
 @dataclass
-class Descriptor:
+class Descriptor(abc.ABC):
     """A patch descriptor; ``describe(images)`` gives (B, P, D) float32 on ``device``."""
 
     name: str
@@ -92,8 +93,9 @@ class Descriptor:
     #: paper's 1 % of a 16×16 grid is 2-3 patches; 5 % of the 8×8 grid is 3.
     image_ratio: float = 0.01
 
+    @abc.abstractmethod
     def describe(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, P, D) float32 patch features of ``images``."""
 
 
 class RandomConvDescriptor(Descriptor):
