@@ -978,8 +978,9 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder mode: TARGET is a folder of images; write the clean folder here.")
 @click.option("--mode", type=click.Choice(["lite", "full"]), default="lite", show_default=True,
-              help="lite: patch comparison only (no training); full: Dinomaly-style model with "
-                   "dropout uncertainty (needs a DINOv2 backbone).")
+              help="lite: patch comparison only (no training); full: a Dinomaly-style model "
+                   "with dropout uncertainty, trained on the set (a DINOv2 backbone, or a "
+                   "decoder over the randconv / texture descriptor).")
 @click.option("--kappa1", type=click.IntRange(min=1), default=20, show_default=True,
               help="Random shufflings of the set (voting rounds).")
 @click.option("--kappa2", type=click.IntRange(min=0), default=5, show_default=True,

@@ -187,7 +187,53 @@ def test_full_mode_runs_on_the_tiny_backbone():
     assert np.isfinite(one.scores).all() and (one.uncertainty >= 0).all()
     assert np.array_equal(one.votes, two.votes) and np.allclose(one.scores, two.scores)
     with pytest.raises(ValueError, match="DINOv2"):
-        SSFilterParams(mode="full")
+        SSFilterParams(mode="full", backbone="wide_resnet50_2")
+
+
+def test_full_mode_on_the_weight_free_descriptor_removes_planted_outliers(data):
+    """Full mode without pretrained weights: the patch decoder trains on the randconv features
+    with synergy selection, then votes. Planted outliers go; the same seed gives the same
+    votes and scores; the uncertainty is recorded and ranks the outliers high."""
+    images, truth = data
+    params = SSFilterParams(mode="full", iterations=40, cold_start=20, passes=4, **FAST)
+    one = run_filter(lambda i: images[i], len(images), params, seed=0, device="cpu")
+    two = run_filter(lambda i: images[i], len(images), params, seed=0, device="cpu")
+    assert np.array_equal(one.votes, two.votes) and np.array_equal(one.scores, two.scores)
+    assert not one.kept[truth].any(), one.votes[truth]
+    assert one.kept[~truth].mean() >= 0.8
+    assert (one.uncertainty >= 0).all()
+    above = one.scores[truth][:, None] > one.scores[~truth][None, :]
+    assert above.mean() >= 0.95
+    assert one.info["descriptor"]["name"] == "randconv" and "decoder" in one.info
+    other = run_filter(lambda i: images[i], len(images), params, seed=1, device="cpu")
+    assert not np.array_equal(one.scores, other.scores)
+
+
+def test_patch_decoder_learns_to_reconstruct_and_its_stats_ignore_chunking():
+    import torch
+
+    from curate.patchdecoder import PatchDecoder, channel_stats, patch_errors
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(3.0, 2.0, size=(50, 4, 6)).astype(np.float16)
+    rows = np.arange(0, 50, 2)
+    mean, std = channel_stats(data, rows, chunk=7)
+    whole = data[rows].astype(np.float64).reshape(-1, 6)
+    assert np.allclose(mean.numpy(), whole.mean(0), atol=1e-5)
+    assert np.allclose(std.numpy(), whole.std(0), atol=1e-4)
+    assert np.allclose(channel_stats(data, rows, chunk=1000)[0].numpy(), mean.numpy())
+    torch.manual_seed(0)
+    model = PatchDecoder(4, 6, width=16, depth=1, dropout=0.0)
+    z = (torch.from_numpy(data.astype(np.float32)) - mean) / std
+    before = patch_errors(model, z).mean().item()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = patch_errors(model, z).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert patch_errors(model, z).shape == (50, 4)
+    assert patch_errors(model, z).mean().item() < 0.5 * before
 
 
 # ------------------------------------------------------------------------------ folder mode

@@ -22,7 +22,10 @@ more than ``kappa2`` of them (Sec. 3.6). Two modes:
   over ``passes`` dropout passes of the bottleneck), selects per Eq. 7 and trains on the selected
   samples; after ``cold_start`` iterations the score is ½(minmax(a) + minmax(u)) (Eq. 9), μ₁ still
   from the split of the raw scores. The trained filter then votes over ``kappa1`` shufflings with
-  the same rule. Needs a DINOv2 backbone (real weights to be meaningful).
+  the same rule. With a DINOv2 backbone (real weights to be meaningful) that is the paper's
+  model; with a weight-free descriptor (``randconv``, ``texture``) the frozen encoder is the
+  descriptor and the model a Dinomaly-shaped decoder over its stored patch features
+  (``curate.patchdecoder``).
 
 The score of a sample is the mean of its batch scores over the shufflings; its votes the number
 of shufflings in which it was judged normal. Memory is bounded by the batch: features are held
@@ -62,6 +65,7 @@ from curate.errors import CurateError
 from curate.files import walk_files
 from curate.imageio import BadImage, decode, is_image_name
 from curate.manifest import KEPT, Manifest
+from curate.patchdecoder import PatchDecoder, channel_stats, patch_errors
 from curate.patchfeatures import DEFAULT_DESCRIPTOR, WEIGHT_FREE, Descriptor, build_descriptor
 from curate.runner import Context, SampleEnv, Stage, apply_update, params_dict
 from curate.sources.base import GOOD
@@ -117,9 +121,10 @@ class SSFilterParams:
         if self.hard_normals < 0:
             raise ValueError(f"hard_normals must be >= 0, got {self.hard_normals}")
         if self.mode == "full":
-            if not self.backbone.startswith("dinov2"):
-                raise ValueError("mode 'full' trains a Dinomaly-style model and needs a DINOv2 "
-                                 f"backbone (e.g. dinov2_vits14_reg with --weights), not "
+            if not (self.backbone.startswith("dinov2") or self.backbone in WEIGHT_FREE):
+                raise ValueError("mode 'full' trains a Dinomaly-style model: it needs a DINOv2 "
+                                 "backbone (e.g. dinov2_vits14_reg with --weights) or a "
+                                 f"weight-free descriptor ({', '.join(WEIGHT_FREE)}), not "
                                  f"{self.backbone!r}")
             if self.passes < 2:
                 raise ValueError(f"passes must be at least 2, got {self.passes}")
@@ -301,7 +306,7 @@ def run_filter(read: ImageSource, n: int, params: SSFilterParams, seed: int, *,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if params.mode == "full":
         return run_full(read, n, params, seed, device=device, progress=progress,
-                        chunk_rows=chunk_rows)
+                        chunk_rows=chunk_rows, memory_limit=memory_limit)
     descriptor = build_descriptor(params.backbone, params.weights, image_size=params.image_size,
                                   seed=0, device=device, border=params.border)
     image_ratio = params.image_ratio or descriptor.image_ratio
@@ -344,25 +349,130 @@ def _rng_seed(seed: int, *parts: str) -> int:
 
 
 # ------------------------------------------------------------------------------ full mode
-def _batch_scores(det, x: torch.Tensor, params: SSFilterParams, chunk_rows: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(patch comparison scores a, uncertainty u) of one batch: a from the frozen encoder's
-    Eq. 1 features, u = std over ``passes`` dropout passes of the top-1 % anomaly-map means."""
-    from curate.patchfeatures import vit_patch_features
+def _pass_spread(per_pass: list[torch.Tensor]) -> np.ndarray:
+    """u of Sec. 3.3: the std over the dropout passes of each image's score, the mean of the
+    top share of its anomaly map (one (B,) tensor per pass)."""
+    return torch.stack(per_pass).float().std(dim=0).cpu().double().numpy()
 
-    encoder = det.backbone.module
-    with torch.no_grad(), det.autocast():
-        z = vit_patch_features(encoder(x, depth=8), encoder.num_prefix_tokens)
-        a, _ = mutual_scores(z, params.sim_ratio, params.image_ratio or 0.01,
-                             chunk_rows=chunk_rows)
-        det.bottleneck.train()  # dropout on: each pass is one masked model (Eq. 2)
-        passes = []
-        for _ in range(params.passes):
-            en, de = det.features(x)
-            passes.append(det.anomaly_maps(en, de, (x.shape[-2] // encoder.patch_size,
-                                                    x.shape[-1] // encoder.patch_size))[0])
-        u = torch.stack(passes).float().std(dim=0)
-    return a.float().cpu().double().numpy(), u.cpu().double().numpy()
+
+class _DinomalyFilter:
+    """Full mode on a DINOv2 encoder (``detectors.dinomaly``): every batch is read and encoded
+    again, as the paper does."""
+
+    def __init__(self, read: ImageSource, n: int, params: SSFilterParams, seed: int,
+                 device: str, chunk_rows: int):
+        from detectors.dinomaly import Dinomaly
+
+        size = params.image_size or 224
+        self.det = Dinomaly(params.backbone, params.weights, seed=seed, device=device,
+                            image_size=size, crop_size=size, map_size=size,
+                            dropout=params.dropout, batch_size=params.batch_size,
+                            iterations=params.iterations)
+        self.read, self.params, self.chunk_rows = read, params, chunk_rows
+        self.device = self.det.device
+        self.failed: dict[int, str] = {}
+        for i in range(n):  # one decoding pass: unreadable images are reported, not trained on
+            try:
+                read(i)
+            except (BadImage, OSError, ValueError) as exc:
+                self.failed[i] = str(exc)
+        self.info = {"backbone": self.det.backbone.describe()}
+
+    def start(self) -> None:
+        self.optimizer = self.det.make_optimizer()
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        det = self.det
+        return det.input_tensor(torch.stack([det.geometry.to_input(self.read(int(i)))
+                                             for i in idx]))
+
+    def scores(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(patch comparison scores a, uncertainty u): a from the frozen encoder's Eq. 1
+        features, u over ``passes`` dropout passes of the bottleneck."""
+        from curate.patchfeatures import vit_patch_features
+
+        det, params = self.det, self.params
+        encoder = det.backbone.module
+        with torch.no_grad(), det.autocast():
+            z = vit_patch_features(encoder(x, depth=8), encoder.num_prefix_tokens)
+            a, _ = mutual_scores(z, params.sim_ratio, params.image_ratio or 0.01,
+                                 chunk_rows=self.chunk_rows)
+            det.bottleneck.train()  # dropout on: each pass is one masked model (Eq. 2)
+            grid = (x.shape[-2] // encoder.patch_size, x.shape[-1] // encoder.patch_size)
+            passes = [det.anomaly_maps(*det.features(x), grid)[0] for _ in range(params.passes)]
+        return a.float().cpu().double().numpy(), _pass_spread(passes)
+
+    def train(self, x: torch.Tensor, chosen: np.ndarray, step: int) -> None:
+        self.det.decoder.train()
+        self.det.train_step(x[torch.from_numpy(np.flatnonzero(chosen)).to(x.device)],
+                            self.optimizer, step, self.params.iterations)
+
+    def finish(self) -> None:
+        self.det.decoder.eval()
+
+
+class _DescriptorFilter:
+    """Full mode on a weight-free descriptor (``curate.patchdecoder``): the encoder is fixed,
+    so every image is described once and the decoder trains on the stored features."""
+
+    #: AdamW, not Dinomaly's StableAdamW at 2e-3: the decoder is small and starts from scratch.
+    lr = 1e-3
+    weight_decay = 1e-4
+
+    def __init__(self, read: ImageSource, n: int, params: SSFilterParams, seed: int,
+                 device: str, chunk_rows: int, progress, memory_limit: int):
+        self.descriptor = build_descriptor(params.backbone, params.weights,
+                                           image_size=params.image_size, seed=0, device=device,
+                                           border=params.border)
+        self.image_ratio = params.image_ratio or self.descriptor.image_ratio
+        tick = (lambda done: progress("features", done, n)) if progress else None
+        self.bank, self.failed = describe_all(read, n, self.descriptor, params.batch_size, tick,
+                                              memory_limit)
+        good = np.array([i for i in range(n) if i not in self.failed], dtype=int)
+        # The decoder's input is standardised with the statistics of the candidates it filters.
+        self.mean, self.std = (t.to(device) for t in channel_stats(self.bank.data, good))
+        self.params, self.seed, self.chunk_rows = params, seed, chunk_rows
+        self.device = torch.device(device)
+        self.info = {"descriptor": self.descriptor.provenance,
+                     "decoder": {"width": 128, "depth": 2, "optimizer": "AdamW",
+                                 "lr": self.lr, "weight_decay": self.weight_decay}}
+
+    def start(self) -> None:
+        # Called inside the filter's seeded torch RNG: the initial weights follow the seed.
+        _, patches, dim = self.bank.data.shape
+        self.model = PatchDecoder(patches, dim, dropout=self.params.dropout).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr,
+                                           weight_decay=self.weight_decay)
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.bank.batch(idx, str(self.device)).float()
+        return raw, (raw - self.mean) / self.std
+
+    def scores(self, x: tuple[torch.Tensor, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        raw, z = x
+        params = self.params
+        with torch.no_grad():
+            a, _ = mutual_scores(raw, params.sim_ratio, self.image_ratio,
+                                 metric=self.descriptor.metric, chunk_rows=self.chunk_rows)
+            self.model.train()  # dropout on: each pass is one masked model (Eq. 2)
+            top = max(1, int(z.shape[1] * self.image_ratio))
+            passes = [patch_errors(self.model, z).topk(top, dim=1).values.mean(1)
+                      for _ in range(params.passes)]
+        return a.cpu().double().numpy(), _pass_spread(passes)
+
+    def train(self, x: tuple[torch.Tensor, torch.Tensor], chosen: np.ndarray, step: int) -> None:
+        z = x[1][torch.from_numpy(np.flatnonzero(chosen)).to(self.device)]
+        self.model.train()
+        loss = patch_errors(self.model, z).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def finish(self) -> None:
+        self.model.eval()
+
+    def close(self) -> None:
+        self.bank.close()
 
 
 def _synergy(a: np.ndarray, u: np.ndarray, combine: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -374,48 +484,46 @@ def _synergy(a: np.ndarray, u: np.ndarray, combine: bool) -> tuple[np.ndarray, n
 
 def run_full(read: ImageSource, n: int, params: SSFilterParams, seed: int, *, device: str,
              progress: Callable[[str, int, int], None] | None = None,
-             chunk_rows: int = 4096) -> FilterResult:
-    """Train the Dinomaly-style filter with synergy selection, then vote over the shufflings."""
-    from detectors.dinomaly import Dinomaly
+             chunk_rows: int = 4096, memory_limit: int = 2 << 30) -> FilterResult:
+    """Train the filter model with synergy selection, then vote over the shufflings: the
+    Dinomaly model on a DINOv2 encoder, or the patch decoder on a weight-free descriptor."""
+    if params.backbone in WEIGHT_FREE:
+        model = _DescriptorFilter(read, n, params, seed, device, chunk_rows, progress,
+                                  memory_limit)
+    else:
+        model = _DinomalyFilter(read, n, params, seed, device, chunk_rows)
+    try:
+        return _train_and_vote(model, n, params, seed, progress)
+    finally:
+        if hasattr(model, "close"):
+            model.close()
 
-    size = params.image_size or 224
-    det = Dinomaly(params.backbone, params.weights, seed=seed, device=device, image_size=size,
-                   crop_size=size, map_size=size, dropout=params.dropout,
-                   batch_size=params.batch_size, iterations=params.iterations)
-    failed: dict[int, str] = {}
 
-    def tensor(idx) -> torch.Tensor:
-        return det.input_tensor(torch.stack([det.geometry.to_input(read(int(i))) for i in idx]))
-
-    for i in range(n):  # one decoding pass: unreadable images are reported, not trained on
-        try:
-            read(i)
-        except (BadImage, OSError, ValueError) as exc:
-            failed[i] = str(exc)
+def _train_and_vote(model, n: int, params: SSFilterParams, seed: int,
+                    progress: Callable[[str, int, int], None] | None) -> FilterResult:
+    failed = model.failed
     good = np.array([i for i in range(n) if i not in failed], dtype=int)
     scores, votes = np.full(n, np.nan), np.zeros(n, int)
     if len(good) < 2:
         return FilterResult(scores, votes, np.isin(np.arange(n), good), failed)
     rng = np.random.default_rng(_rng_seed(seed, "full-train"))
-    optimizer = det.make_optimizer()
     batch = min(params.batch_size, len(good))
     order: list[int] = []
-    devices = [det.device] if det.device.type == "cuda" else []
+    devices = [model.device] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_rng_seed(seed, "dropout") % (2 ** 63))
+        model.start()
         for step in range(params.iterations):
             if len(order) < batch:
                 order += rng.permutation(good).tolist()
-            idx, order = order[:batch], order[batch:]
-            x = tensor(idx)
-            a, u = _batch_scores(det, x, params, chunk_rows)
+            idx, order = np.array(order[:batch]), order[batch:]
+            x = model.batch(idx)
+            a, u = model.scores(x)
             _, chosen = _synergy(a, u, step >= params.cold_start)
-            det.decoder.train()
-            det.train_step(x[torch.from_numpy(np.flatnonzero(chosen)).to(x.device)], optimizer,
-                           step, params.iterations)
+            model.train(x, chosen, step)
             if progress:
                 progress("training", step + 1, params.iterations)
-        det.decoder.eval()
+        model.finish()
         total, unc = np.zeros(n), np.zeros(n)
         plan = shufflings(len(good), params.batch_size, params.kappa1,
                           np.random.default_rng(_rng_seed(seed, "shufflings")))
@@ -423,7 +531,7 @@ def run_full(read: ImageSource, n: int, params: SSFilterParams, seed: int, *, de
         for partition in plan:
             for members in partition:
                 idx = good[members]
-                a, u = _batch_scores(det, tensor(idx), params, chunk_rows)
+                a, u = model.scores(model.batch(idx))
                 score, normal = _synergy(a, u, params.iterations > params.cold_start)
                 total[idx] += score
                 unc[idx] += u
@@ -435,7 +543,7 @@ def run_full(read: ImageSource, n: int, params: SSFilterParams, seed: int, *, de
     uncertainty = np.full(n, np.nan)
     uncertainty[good] = unc[good] / params.kappa1
     return FilterResult(scores, votes, votes > params.kappa2, failed, uncertainty,
-                        info={"backbone": det.backbone.describe(), "batches": batches})
+                        info=model.info | {"batches": batches})
 
 
 # ------------------------------------------------------------------------------ manifest stage
