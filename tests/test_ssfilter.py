@@ -207,6 +207,10 @@ def test_full_mode_on_the_weight_free_descriptor_removes_planted_outliers(data):
     assert one.info["descriptor"]["name"] == "randconv" and "decoder" in one.info
     other = run_filter(lambda i: images[i], len(images), params, seed=1, device="cpu")
     assert not np.array_equal(one.scores, other.scores)
+    # Features spilled to a memory-mapped file (as for a large set) train the same model.
+    mapped = run_filter(lambda i: images[i], len(images), params, seed=0, device="cpu",
+                        memory_limit=1)
+    assert np.array_equal(one.votes, mapped.votes) and np.allclose(one.scores, mapped.scores)
 
 
 def test_patch_decoder_learns_to_reconstruct_and_its_stats_ignore_chunking():
