@@ -26,9 +26,13 @@ from torch import nn
 class PatchDecoder(nn.Module):
     """(B, P, D) standardised patch features → their reconstruction, through dropout."""
 
-    def __init__(self, patches: int, dim: int, width: int = 128, depth: int = 2, heads: int = 4,
-                 dropout: float = 0.2):
+    width = 128  # model channels and attention blocks of the default decoder
+    depth = 2
+
+    def __init__(self, patches: int, dim: int, width: int | None = None,
+                 depth: int | None = None, heads: int = 4, dropout: float = 0.2):
         super().__init__()
+        width, depth = width or self.width, depth or self.depth
         self.bottleneck = nn.Dropout(dropout)
         self.embed = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, width))
         self.position = nn.Parameter(torch.zeros(1, patches, width))

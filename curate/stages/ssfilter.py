@@ -410,6 +410,9 @@ class _DinomalyFilter:
     def finish(self) -> None:
         self.det.decoder.eval()
 
+    def close(self) -> None:
+        """Nothing is stored: every batch is read again."""
+
 
 class _DescriptorFilter:
     """Full mode on a weight-free descriptor (``curate.patchdecoder``): the encoder is fixed,
@@ -434,8 +437,9 @@ class _DescriptorFilter:
         self.params, self.seed, self.chunk_rows = params, seed, chunk_rows
         self.device = torch.device(device)
         self.info = {"descriptor": self.descriptor.provenance,
-                     "decoder": {"width": 128, "depth": 2, "optimizer": "AdamW",
-                                 "lr": self.lr, "weight_decay": self.weight_decay}}
+                     "decoder": {"width": PatchDecoder.width, "depth": PatchDecoder.depth,
+                                 "optimizer": "AdamW", "lr": self.lr,
+                                 "weight_decay": self.weight_decay}}
 
     def start(self) -> None:
         # Called inside the filter's seeded torch RNG: the initial weights follow the seed.
@@ -495,8 +499,7 @@ def run_full(read: ImageSource, n: int, params: SSFilterParams, seed: int, *, de
     try:
         return _train_and_vote(model, n, params, seed, progress)
     finally:
-        if hasattr(model, "close"):
-            model.close()
+        model.close()
 
 
 def _train_and_vote(model, n: int, params: SSFilterParams, seed: int,
