@@ -297,6 +297,18 @@ class FilterResult:
         return ranks
 
 
+def _describe_set(read: ImageSource, n: int, params: SSFilterParams, device: str,
+                  progress: Callable[[str, int, int], None] | None, memory_limit: int
+                  ) -> tuple[Descriptor, float, FeatureBank, dict[int, str]]:
+    """The parameters' descriptor, its image ratio, the features of images 0..n-1 and the
+    unreadable ones: what lite mode scores and weight-free full mode trains on."""
+    descriptor = build_descriptor(params.backbone, params.weights, image_size=params.image_size,
+                                  seed=0, device=device, border=params.border)
+    tick = (lambda done: progress("features", done, n)) if progress else None
+    bank, failed = describe_all(read, n, descriptor, params.batch_size, tick, memory_limit)
+    return descriptor, params.image_ratio or descriptor.image_ratio, bank, failed
+
+
 def run_filter(read: ImageSource, n: int, params: SSFilterParams, seed: int, *,
                device: str | None = None, progress: Callable[[str, int, int], None] | None = None,
                memory_limit: int = 2 << 30, chunk_rows: int = 4096) -> FilterResult:
@@ -307,11 +319,8 @@ def run_filter(read: ImageSource, n: int, params: SSFilterParams, seed: int, *,
     if params.mode == "full":
         return run_full(read, n, params, seed, device=device, progress=progress,
                         chunk_rows=chunk_rows, memory_limit=memory_limit)
-    descriptor = build_descriptor(params.backbone, params.weights, image_size=params.image_size,
-                                  seed=0, device=device, border=params.border)
-    image_ratio = params.image_ratio or descriptor.image_ratio
-    tick = (lambda done: progress("features", done, n)) if progress else None
-    bank, failed = describe_all(read, n, descriptor, params.batch_size, tick, memory_limit)
+    descriptor, image_ratio, bank, failed = _describe_set(read, n, params, device, progress,
+                                                         memory_limit)
     try:
         good = np.array([i for i in range(n) if i not in failed], dtype=int)
         scores = np.full(n, np.nan)
@@ -422,19 +431,14 @@ class _DescriptorFilter:
     lr = 1e-3
     weight_decay = 1e-4
 
-    def __init__(self, read: ImageSource, n: int, params: SSFilterParams, seed: int,
-                 device: str, chunk_rows: int, progress, memory_limit: int):
-        self.descriptor = build_descriptor(params.backbone, params.weights,
-                                           image_size=params.image_size, seed=0, device=device,
-                                           border=params.border)
-        self.image_ratio = params.image_ratio or self.descriptor.image_ratio
-        tick = (lambda done: progress("features", done, n)) if progress else None
-        self.bank, self.failed = describe_all(read, n, self.descriptor, params.batch_size, tick,
-                                              memory_limit)
+    def __init__(self, read: ImageSource, n: int, params: SSFilterParams, device: str,
+                 chunk_rows: int, progress, memory_limit: int):
+        self.descriptor, self.image_ratio, self.bank, self.failed = _describe_set(
+            read, n, params, device, progress, memory_limit)
         good = np.array([i for i in range(n) if i not in self.failed], dtype=int)
         # The decoder's input is standardised with the statistics of the candidates it filters.
         self.mean, self.std = (t.to(device) for t in channel_stats(self.bank.data, good))
-        self.params, self.seed, self.chunk_rows = params, seed, chunk_rows
+        self.params, self.chunk_rows = params, chunk_rows
         self.device = torch.device(device)
         self.info = {"descriptor": self.descriptor.provenance,
                      "decoder": {"width": PatchDecoder.width, "depth": PatchDecoder.depth,
@@ -492,8 +496,7 @@ def run_full(read: ImageSource, n: int, params: SSFilterParams, seed: int, *, de
     """Train the filter model with synergy selection, then vote over the shufflings: the
     Dinomaly model on a DINOv2 encoder, or the patch decoder on a weight-free descriptor."""
     if params.backbone in WEIGHT_FREE:
-        model = _DescriptorFilter(read, n, params, seed, device, chunk_rows, progress,
-                                  memory_limit)
+        model = _DescriptorFilter(read, n, params, device, chunk_rows, progress, memory_limit)
     else:
         model = _DinomalyFilter(read, n, params, seed, device, chunk_rows)
     try:
