@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curate import __version__
-from curate.errors import CurateError
+from curate.errors import CurateError, UsageError
 from curate.manifest import Manifest, diff
 from curate.runner import (
     EXECUTORS,
@@ -79,6 +79,8 @@ def common_options(fn: Callable) -> Callable:
         meta["curate.ray_data"] = ray_data
         try:
             return fn(*args, **kwargs)
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from exc
         except CurateError as exc:
             raise Failure(str(exc)) from exc
 

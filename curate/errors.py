@@ -16,3 +16,8 @@ class ManifestError(CurateError):
 
 class UnsafePathError(CurateError):
     """A path inside a manifest or an annotation file that would escape its root."""
+
+
+class UsageError(CurateError):
+    """Bad usage found past argument parsing (an option value a reader or stage refuses): the
+    CLI prints it as one sentence and exits 2, like click's own usage errors."""
