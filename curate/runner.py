@@ -50,6 +50,7 @@ from curate.errors import CurateError, UnsafePathError
 from curate.files import safe_join
 from curate.imageio import BadImage
 from curate.manifest import COLUMNS, KEPT, Manifest, drop, manifest_row, note
+from curate.optional import require
 from curate.store import Store
 from curate.workspace import Workspace
 
@@ -115,11 +116,7 @@ def _run_chunk(fn: Callable[[dict, SampleEnv], Update], rows: list[dict],
 
 
 def _import_ray():
-    try:
-        import ray
-    except ImportError as exc:
-        raise CurateError("--executor ray needs Ray: pip install 'curate[ray]'") from exc
-    return ray
+    return require("ray", "--executor ray")
 
 
 _RAY_REMOTES: dict[Callable, Any] = {}

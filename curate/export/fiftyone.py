@@ -36,6 +36,7 @@ from typing import Any
 from curate import __version__
 from curate.errors import CurateError
 from curate.manifest import DROPPED, Manifest
+from curate.optional import require
 from curate.workspace import Workspace
 
 MASK_TARGETS = {"ground_truth": {255: "defect"}, "foreground": {255: "foreground"}}
@@ -46,12 +47,7 @@ def fiftyone_module():
     """``import fiftyone``, with curate's defaults for its environment, or a clear error."""
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    try:
-        import fiftyone
-    except ImportError as exc:
-        raise CurateError("review sessions need FiftyOne: pip install 'curate[review]' "
-                          f"({exc})") from exc
-    return fiftyone
+    return require("fiftyone", "review sessions")
 
 
 def default_name(workspace: Workspace, manifest: Manifest) -> str:

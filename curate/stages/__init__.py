@@ -1,30 +1,36 @@
 """Stages: each reads a manifest and writes a new one (see curate.runner).
 
-``STAGES`` maps the names recipes use to the stage classes that take one input manifest.
+:data:`STAGES` maps the names recipes use to the stage classes that take one input manifest.
 """
 
 from __future__ import annotations
 
 from curate.errors import CurateError
+from curate.optional import require
 from curate.runner import Stage
+
+#: Stage name -> "module:Class". Modules are imported when a stage is asked for: some pull in
+#: optional heavy libraries (PyTorch), which a recipe that does not use them must not need.
+STAGES: dict[str, str] = {
+    "dedup": "curate.stages.dedup:Dedup",
+    "quality": "curate.stages.quality:Quality",
+    "foreground": "curate.stages.foreground:Foreground",
+    "labels": "curate.stages.labels:Labels",
+    "label_filter": "curate.stages.label_filter:LabelFilter",
+    "reclassify": "curate.stages.reclassify:Reclassify",
+    "split": "curate.stages.split:Split",
+    "sdas_sample": "curate.stages.sdas:SdasSample",
+    "sdas_blend": "curate.stages.sdas:SdasBlend",
+    "ssfilter": "curate.stages.ssfilter:SSFilter",
+}
 
 
 def stage_class(name: str) -> type[Stage]:
-    """The stage a recipe names (imported lazily: some stages pull in heavy libraries)."""
-    from curate.stages.dedup import Dedup
-    from curate.stages.foreground import Foreground
-    from curate.stages.label_filter import LabelFilter
-    from curate.stages.labels import Labels
-    from curate.stages.quality import Quality
-    from curate.stages.reclassify import Reclassify
-    from curate.stages.sdas import SdasBlend, SdasSample
-    from curate.stages.split import Split
-    from curate.stages.ssfilter import SSFilter
-
-    stages = {s.name: s for s in (Dedup, Quality, Foreground, Labels, LabelFilter, Reclassify,
-                                  Split, SdasSample, SdasBlend, SSFilter)}
+    """The stage a recipe names; a stage whose optional libraries are missing is one
+    sentence naming the extra to install."""
     try:
-        return stages[name]
+        module, cls = STAGES[name].split(":")
     except KeyError:
         raise CurateError(f"unknown stage {name!r}; stages a recipe can name: "
-                          f"{', '.join(sorted(stages))}") from None
+                          f"{', '.join(sorted(STAGES))}") from None
+    return getattr(require(module, f"stage {name}"), cls)

@@ -31,6 +31,7 @@ from curate.errors import CurateError
 from curate.files import sha256_file
 from curate.imageio import decode
 from curate.manifest import Manifest
+from curate.optional import require
 from curate.runner import Context, SampleEnv, Stage, map_samples, params_dict
 
 TEXTURE, OBJECT = "texture", "object"
@@ -145,6 +146,8 @@ class Foreground(Stage):
 
     def run(self, inputs: list[Manifest], params: ForegroundParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
+        if params.backend == "isnet":  # before any work: in a worker it would drop every sample
+            require("curate.isnet", "the isnet foreground backend")
         rows = map_samples(self, manifest, params, ctx, foreground_sample)
         return self.output(manifest, rows, params, ctx)
 

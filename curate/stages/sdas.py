@@ -43,6 +43,7 @@ from curate.canonical import canonical_float
 from curate.errors import CurateError
 from curate.files import sha256_file
 from curate.manifest import KEPT, Manifest, new_row, sample_id_for
+from curate.optional import require
 from curate.runner import Context, SampleEnv, Stage, params_dict
 
 BANK_SOURCE, BLEND_SOURCE = "sdas", "sdas_blend"
@@ -96,12 +97,13 @@ class SdasSampleParams:
     precision: str = "fp32"
 
     def __post_init__(self):
-        from curate.diffusion.sampler import METHODS, SPACINGS
-
-        if self.sampler not in METHODS:
-            raise ValueError(f"sampler must be one of {METHODS}, got {self.sampler!r}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        # Checked here, before any work: sampling needs PyTorch (the detectors extra).
+        sampler = require("curate.diffusion.sampler", "stage sdas_sample")
+        if self.sampler not in sampler.METHODS:
+            raise ValueError(f"sampler must be one of {sampler.METHODS}, got {self.sampler!r}")
+        if self.spacing not in sampler.SPACINGS:
+            raise ValueError(f"spacing must be one of {sampler.SPACINGS}, "
+                             f"got {self.spacing!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.strength_min <= self.strength_max:
