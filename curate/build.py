@@ -77,23 +77,31 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
 def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
                card: bool = True) -> dict[str, Any]:
     """The recipe's exports of the final manifest into ``out`` (MVTec tree first: the sample
-    lists point into it), then the dataset card beside it."""
-    from curate.export.mvtec import export_mvtec
+    lists point into it), then the dataset card beside it.
+
+    All written into one temporary folder that replaces ``out`` only once everything is in
+    it: a failure anywhere leaves ``out`` as it was (see :mod:`curate.export.staging`)."""
+    from curate.export.mvtec import MARKER, write_mvtec
+    from curate.export.staging import staged
 
     exports: dict[str, Any] = {}
-    report = export_mvtec(result.manifest, out, ctx, overwrite=True)
-    exports["mvtec"] = {k: v for k, v in report.items() if k != "files"}
-    if "realnet" in recipe.exports:
-        from curate.export.realnet import export_realnet
+    with staged(out, marker=MARKER, overwrite=True) as tmp:
+        def final(paths: list[Path]) -> list[str]:
+            return [str(Path(out) / p.relative_to(tmp)) for p in paths]
 
-        exports["realnet"] = [str(p) for p in export_realnet(out)]
-    if "realiad" in recipe.exports:
-        from curate.export.realiad import export_realiad
+        report = write_mvtec(result.manifest, tmp, ctx)
+        exports["mvtec"] = {k: v for k, v in report.items() if k != "files"}
+        if "realnet" in recipe.exports:
+            from curate.export.realnet import export_realnet
 
-        exports["realiad"] = [str(p) for p in export_realiad(out)]
-    if card:
-        from curate.report import write_card
+            exports["realnet"] = final(export_realnet(tmp))
+        if "realiad" in recipe.exports:
+            from curate.export.realiad import export_realiad
 
-        exports["card"] = str(write_card(result.manifest, out, ctx.workspace.store))
+            exports["realiad"] = final(export_realiad(tmp))
+        if card:
+            from curate.report import write_card
+
+            (exports["card"],) = final([write_card(result.manifest, tmp, ctx.workspace.store)])
     result.exports = exports
     return exports

@@ -11,12 +11,18 @@ Kept samples only. A sample goes to its ``split`` (``test`` while no split has b
 Images are written as PNG (official loaders glob ``*.png``), channels as in the source; with
 ``images="keep"`` they are copied byte for byte instead, keeping their format and extension
 (several times faster: no decoding or encoding, but only for loaders that accept any format).
-File names come from the source path: the shortest tail of it that is unique within the
-folder (``exp1_num_10181``, ``kos01_Part0``), so every exported file can be traced back by eye;
-``curate-export.json`` maps each one to its sample id, source path and sha256.
+File names come from the source path, cleaned to ASCII letters, digits, '.', '-' and '_': the
+shortest tail of it that is unique within the folder (``exp1_num_10181``, ``kos01_Part0``), so
+every exported file can be traced back by eye; names are unique by construction, also when
+case is ignored (see :func:`unique_names`). ``curate-export.json`` maps each file to its
+sample id, source path and sha256.
 
-The export is written to a temporary folder beside ``out`` and moved into place at the end, so
-an interrupted export never leaves a half-written tree where a finished one is expected.
+All or nothing: each original is checked against the sha256 recorded at ingest, the tree is
+written to a temporary folder beside ``out``, checked to hold exactly the files the report
+lists, and only then moved into place (:mod:`curate.export.staging`). An original that is
+missing or changed, a file that cannot be written (full disk, permissions) fail the whole
+export with one sentence naming the file. The only samples left out are those that cannot be
+exported by nature (a defective sample without a mask): the report lists them as skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -32,7 +37,8 @@ from typing import Any
 
 from curate import __version__
 from curate.errors import CurateError
-from curate.files import atomic_write_bytes, atomic_write_text
+from curate.export.staging import staged, write_failure
+from curate.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.imageio import decode, encode_png
 from curate.manifest import KEPT, Manifest
 from curate.runner import Context, SampleEnv
@@ -40,6 +46,9 @@ from curate.sources.base import GOOD
 
 MARKER = "curate-export.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Longest file name stem written: with "_mask.png", a "_<k>" suffix and the ".<pid>.tmp" of
+#: an atomic write it stays far below the 255 bytes file systems allow.
+MAX_NAME = 150
 
 
 IMAGE_MODES = ("png", "keep")
@@ -55,25 +64,76 @@ def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("._") or "x"
 
 
-def unique_names(rows: list[dict[str, Any]]) -> list[str]:
-    """For rows sharing one folder: the shortest unique tail of each source path, '_'-joined.
+def _fit(name: str) -> str:
+    """``name`` cut to :data:`MAX_NAME` characters, keeping its end (the file's own stem)."""
+    return name if len(name) <= MAX_NAME else _safe(name[-MAX_NAME:])
 
-    Two samples with the very same source path (from two sources) get the source name in front.
+
+def unique_names(rows: list[dict[str, Any]]) -> list[str]:
+    """For rows sharing one folder: a file name (without extension) for each, unique in the
+    folder even where case is ignored (exports are copied to macOS and Windows).
+
+    Names are cleaned first and made unique after, so two names that clean to the same one
+    (``a b`` and ``a_b``, ``ä`` and ``ö``) cannot end up as one file. Each name is the shortest
+    tail of the cleaned source path, '_'-joined, that tells it apart from the others
+    (``exp1_num_10181``, ``kos01_Part0``); two samples with the same path in two sources get
+    the source name in front; names still equal after that (files whose paths differ only in
+    characters cleaned away or in their extension, ``000.png`` and ``000.bmp``) get ``_2``,
+    ``_3``... in order of source and path, a name that needed no cleaning keeping its own.
     """
-    parts = [[*PurePosixPath(r["path"]).parent.parts, PurePosixPath(r["path"]).stem]
-             for r in rows]
+    paths = [PurePosixPath(r["path"]) for r in rows]
+    raw = [[*p.parent.parts, p.stem] for p in paths]
+    parts = [[_safe(part) for part in r] for r in raw]
+    whole = [tuple(part.casefold() for part in p) for p in parts]
     depth = [1] * len(rows)
     while True:
-        names = ["_".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
-        clash = Counter(names)
-        grow = [i for i, n in enumerate(names) if clash[n] > 1 and depth[i] < len(parts[i])]
+        names = [_fit("_".join(p[-d:])) for p, d in zip(parts, depth, strict=True)]
+        # Only names shared by different cleaned paths can be told apart by a longer tail.
+        paths_named: dict[str, set[tuple[str, ...]]] = {}
+        for name, key in zip(names, whole, strict=True):
+            paths_named.setdefault(name.casefold(), set()).add(key)
+        grow = [i for i, n in enumerate(names)
+                if len(paths_named[n.casefold()]) > 1 and depth[i] < len(parts[i])]
         if not grow:
             break
         for i in grow:
             depth[i] += 1
-    clash = Counter(names)
-    names = [f"{r['source']}_{n}" if clash[n] > 1 else n for r, n in zip(rows, names, strict=True)]
-    return [_safe(n) for n in names]
+    sources_named: dict[str, set[str]] = {}
+    for name, row in zip(names, rows, strict=True):
+        sources_named.setdefault(name.casefold(), set()).add(row["source"])
+    names = [_fit(f"{_safe(r['source'])}_{n}") if len(sources_named[n.casefold()]) > 1 else n
+             for r, n in zip(rows, names, strict=True)]
+    faithful = ["_".join(r[-d:]) == n for r, d, n in zip(raw, depth, names, strict=True)]
+    return _numbered(names, sorted(range(len(rows)), key=lambda i: (
+        not faithful[i], rows[i]["source"], rows[i]["path"])))
+
+
+def _numbered(names: list[str], order: list[int]) -> list[str]:
+    """``names`` with every repeat (ignoring case) after the first, in ``order``, given the
+    first free ``_<k>`` suffix: a suffix never takes a name that another row has."""
+    wanted = {n.casefold() for n in names}
+    used: set[str] = set()
+    unique = list(names)
+    for i in order:
+        name, k = names[i], 1
+        while name.casefold() in used or (k > 1 and name.casefold() in wanted):
+            k += 1
+            name = f"{names[i]}_{k}"
+        used.add(name.casefold())
+        unique[i] = name
+    return unique
+
+
+def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
+    """The cleaned folder name for a category or label, refusing two values that would share
+    one folder (after cleaning, or ignoring case): their samples would be mixed up."""
+    folder = _safe(value)
+    other = taken.setdefault(folder.casefold(), value)
+    if other != value:
+        raise CurateError(f"{what} {other!r} and {value!r}{where} would both be exported to "
+                          f"the folder {folder!r} (names are cleaned to letters, digits, '.', "
+                          f"'-', '_' and compared ignoring case): rename one of them")
+    return folder
 
 
 def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
@@ -82,10 +142,14 @@ def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
     if kept and not any("labels.mask_fraction" in r["measures"] for r in kept):
         raise CurateError(f"manifest {manifest.id} has no masks yet: run `curate labels` on it "
                           "before exporting")
+    categories: dict[str, str] = {}
+    labels: dict[str, dict[str, str]] = {}
     folders: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for row in kept:
-        label = _safe(row["label"] or GOOD)
-        folders.setdefault((_safe(row["category"]), row["split"] or "test", label), []).append(row)
+    for row in sorted(kept, key=lambda r: (r["category"], r["label"] or GOOD)):
+        category = _folder(row["category"], "categories", categories, "")
+        label = _folder(row["label"] or GOOD, "labels", labels.setdefault(category, {}),
+                        f" of category {row['category']!r}")
+        folders.setdefault((category, row["split"] or "test", label), []).append(row)
     jobs = []
     for (category, split, label), rows in sorted(folders.items()):
         for row, name in zip(rows, unique_names(rows), strict=True):
@@ -101,63 +165,111 @@ def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
 
 
 def export_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Write one sample's image (and mask). Returns what was written, or why it was skipped."""
-    out = Path(env.params.out)
+    """Write one sample's image (and mask, foreground). Returns what was written, why it was
+    skipped (a labelled sample without a mask) or, under ``failed``, why the export cannot be
+    completed: an original that is missing or changed since ingest, a file that cannot be
+    written."""
     if job["export_mask"] is not None and "mask" not in job["artifacts"]:
         return {"skipped": f"{job['path']}: labelled {job['label']!r} but has no mask"}
-    data = env.read_source(job)
+    original = env.source_path(job)
+    try:
+        data = env.read_source(job)
+    except FileNotFoundError:
+        return {"failed": f"{original} is missing (ingested with sha256 {job['sha256']}): "
+                          "ingest it again"}
+    except OSError as exc:
+        return {"failed": f"cannot read {original}: {exc.strerror or exc}"}
+    digest = sha256_bytes(data)
+    if digest != job["sha256"]:
+        return {"failed": f"{original} changed since ingest (sha256 {digest}, expected "
+                          f"{job['sha256']}): ingest it again"}
     if env.params.images == "png":
         data = encode_png(decode(data))
-    atomic_write_bytes(out / job["export_image"], data)
-    written = {"image": job["export_image"]}
-    if job["export_mask"] is not None:
-        # The store already holds the mask as a 0/255 PNG: copy it, no need to re-encode.
-        shutil.copyfile(env.store.path(job["artifacts"]["mask"]), out / job["export_mask"])
-        written["mask"] = job["export_mask"]
-    if job["export_foreground"] is not None:
-        shutil.copyfile(env.store.path(job["artifacts"]["foreground"]),
-                        out / job["export_foreground"])
-        written["foreground"] = job["export_foreground"]
-    return written
+    files = {"image": (job["export_image"], data)}
+    # The store already holds masks and foregrounds as PNG: copied, not re-encoded.
+    for kind in ("mask", "foreground"):
+        if job[f"export_{kind}"] is not None:
+            files[kind] = (job[f"export_{kind}"], env.store.read_bytes(job["artifacts"][kind]))
+    for rel, content in files.values():
+        try:
+            atomic_write_bytes(Path(env.params.out) / rel, content)
+        except OSError as exc:
+            return {"failed": write_failure(exc, Path(env.params.out) / rel)}
+    return {kind: rel for kind, (rel, _) in files.items()}
 
 
 def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
                  overwrite: bool = False, images: str = "png") -> dict[str, Any]:
-    """Write ``manifest`` to ``out`` in the MVTec-AD layout; returns the export report."""
+    """Write ``manifest`` to ``out`` in the MVTec-AD layout; returns the export report.
+
+    All or nothing: on any failure ``out`` is left as it was (see :mod:`.staging`)."""
+    with staged(out, marker=MARKER, overwrite=overwrite) as tmp:
+        return write_mvtec(manifest, tmp, ctx, images=images)
+
+
+def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str = "png"
+                ) -> dict[str, Any]:
+    """Write the MVTec-AD tree and its report into the empty ``folder``, check that the tree
+    holds exactly what the report lists, and return the report. Any sample that cannot be
+    exported raises :class:`CurateError`, naming the file."""
     if images not in IMAGE_MODES:
         raise CurateError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (out / MARKER).is_file():
-            raise CurateError(f"{out} exists and is not an earlier curate export: "
-                              "choose an empty or new folder")
-        if not overwrite:
-            raise CurateError(f"{out} already holds a curate export: pass --overwrite to "
-                              "replace it")
     jobs = _plan(manifest, images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.curate-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    for parent in sorted({str(PurePosixPath(j[k]).parent) for j in jobs
+                          for k in ("export_image", "export_mask", "export_foreground") if j[k]}):
+        (folder / parent).mkdir(parents=True, exist_ok=True)
+    env = ctx.env("export", ExportParams(out=str(folder), images=images), manifest.roots)
+    results = ctx.map(export_sample, jobs, env, "export mvtec")
+    _raise_failures(jobs, results)
+    report = _report(manifest, jobs, results, images)
+    _check_tree(folder, report)
     try:
-        folders = {str(PurePosixPath(j[k]).parent) for j in jobs
-                   for k in ("export_image", "export_mask", "export_foreground") if j[k]}
-        for folder in sorted(folders):
-            (tmp / folder).mkdir(parents=True, exist_ok=True)
-        env = ctx.env("export", ExportParams(out=str(tmp), images=images), manifest.roots)
-        results = ctx.map(export_sample, jobs, env, "export mvtec")
-        report = _report(manifest, jobs, results, images)
-        atomic_write_text(tmp / MARKER, json.dumps(report, indent=1, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.curate-old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(folder / MARKER, json.dumps(report, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise CurateError(write_failure(exc, folder / MARKER)) from None
     return report
+
+
+def _raise_failures(jobs: list[dict], results: list[dict]) -> None:
+    """Stop the export at the first sample (in export order) that failed: an I/O or integrity
+    failure, or an exception the runner caught (recorded as a drop)."""
+    failures = [res["failed"] if "failed" in res else
+                f"cannot export {job['path']}: " + "; ".join(d for _, d in res["drop"])
+                for job, res in zip(jobs, results, strict=True)
+                if "failed" in res or "drop" in res]
+    if failures:
+        more = f" ({len(failures) - 1} more samples failed)" if len(failures) > 1 else ""
+        raise CurateError(f"{failures[0]}{more}; nothing was exported")
+
+
+def _check_tree(folder: Path, report: dict[str, Any]) -> None:
+    """The written tree must be exactly what the report says: one image per sample, its mask
+    and foreground beside it, no path listed twice (ignoring case), every listed file present
+    and no file that is not listed. A mismatch means names collided or a write went astray."""
+    listed: dict[str, str] = {}  # casefolded path -> the path as listed
+    for entry in report["files"]:
+        category, split, label, name = PurePosixPath(entry["file"]).parts
+        stem = PurePosixPath(name).stem
+        beside = {"mask": None if label == GOOD
+                  else f"{category}/ground_truth/{label}/{stem}_mask.png",
+                  "foreground": entry["foreground"] and
+                  f"{category}/foreground/{split}/{label}/{stem}.png"}
+        for kind, expected in beside.items():
+            if entry[kind] != expected:
+                raise CurateError(f"{folder / entry['file']}: its {kind} is {entry[kind]!r}, "
+                                  f"expected {expected!r}")
+        for rel in (entry["file"], entry["mask"], entry["foreground"]):
+            if rel is None:
+                continue
+            if rel.casefold() in listed:
+                raise CurateError(f"{folder / rel}: written for two samples (as "
+                                  f"{listed[rel.casefold()]!r} too, ignoring case)")
+            listed[rel.casefold()] = rel
+    on_disk = set(walk_files(folder))
+    for rel in sorted(set(listed.values()) - on_disk):
+        raise CurateError(f"{folder / rel} is listed in {MARKER} but was not written")
+    for rel in sorted(on_disk - set(listed.values())):
+        raise CurateError(f"{folder / rel} was written but is not listed in {MARKER}")
 
 
 def _report(manifest: Manifest, jobs: list[dict], results: list[dict], images: str

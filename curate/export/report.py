@@ -18,6 +18,7 @@ from typing import Any
 
 from curate.errors import CurateError, UnsafePathError
 from curate.export.mvtec import MARKER
+from curate.export.staging import write_failure
 from curate.files import atomic_write_text, check_relative
 from curate.sources.base import GOOD
 
@@ -94,8 +95,12 @@ def _image(entry: Any, path: Path) -> ExportedImage:
 
 def write_lists(folder: Path, texts: dict[str, str]) -> list[Path]:
     """Write each ``name -> text`` into ``folder`` (created if needed), each file atomically,
-    so a loader never reads half a list; returns the paths written, sorted."""
-    folder.mkdir(parents=True, exist_ok=True)
+    so a loader never reads half a list; returns the paths written, sorted. A write that
+    fails (full disk, permissions) raises :class:`CurateError` naming the file."""
     for name, text in texts.items():
-        atomic_write_text(folder / name, text)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / name, text)
+        except OSError as exc:
+            raise CurateError(write_failure(exc, folder / name)) from None
     return sorted(folder / name for name in texts)
