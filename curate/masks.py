@@ -8,16 +8,33 @@ exact (tests compare each against a per-pixel reference).
 
 Run-length encoding follows the Kaggle/Severstal convention: "start length start length ...",
 starts 1-indexed, pixels numbered column-major (down the first column, then the next).
+
+Mask files (:func:`read_mask`) are read by one rule whatever their encoding:
+
+- the values: palette images by their palette *index* (index 0 is background), all others at
+  their stored depth, 8- or 16-bit; colour masks by their maximum over the colour channels;
+  with an alpha channel, a transparent pixel is background, and where the colour is uniform
+  and only the alpha varies, the alpha channel is the mask;
+- then :func:`curate.imageio.binarize`: a single non-zero value ({0, 1}, {0, 255},
+  {0, 65535}) or label ids (no value above half the full scale) -> every non-zero value is
+  defect; otherwise an anti-aliased mask, cut at half its full scale (``auto``), or at the
+  threshold given.
+
+Anything beyond a plain 8-bit grey mask of 0/1 or 0/255 (possibly anti-aliased) is said in
+:attr:`MaskFile.unusual`, so that the sample can be flagged for a look.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import shapely
 from shapely.geometry import Polygon
+
+from curate.imageio import BadImage, binarize, decode_mask_values, mask_levels, mask_size
 
 
 class AnnotationError(ValueError):
@@ -33,16 +50,24 @@ def rle_decode(counts: str, height: int, width: int) -> np.ndarray:
     """Decode a Severstal RLE string into a boolean H x W mask.
 
     Raises :class:`AnnotationError` for anything but an even number of positive integers whose
-    runs are ascending, do not overlap and stay inside the image.
+    runs are ascending, do not overlap and stay inside the image. Numbers are plain ASCII digits
+    (Python's ``int`` would also take ``1_0``, ``+5`` or Arabic-Indic digits).
     """
     tokens = counts.split()
     if not tokens:
         return np.zeros((height, width), bool)
-    try:
-        values = np.array([int(t) for t in tokens], dtype=np.int64)
-    except ValueError:
-        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-        raise AnnotationError(f"RLE has a non-integer token {bad!r}", "bad_rle") from None
+    bad = next((t for t in tokens if not (t.isascii() and t.isdigit())), None)
+    if bad is not None:
+        raise AnnotationError(f"RLE has a non-integer token {bad!r} (expected ASCII digits)",
+                              "bad_rle")
+    total = height * width
+    numbers = [int(t) for t in tokens]
+    # Checked before numpy sees them: a number past int64 would overflow rather than fail.
+    huge = next((v for v in numbers if v > total), None)
+    if huge is not None:
+        raise AnnotationError(f"RLE value {huge} runs past the image's {total} pixels "
+                              f"({height}x{width})", "rle_out_of_bounds")
+    values = np.array(numbers, dtype=np.int64)
     if values.size % 2:
         raise AnnotationError(f"RLE has an odd number of values ({values.size}): "
                               "expected start/length pairs", "bad_rle")
@@ -59,7 +84,6 @@ def rle_decode(counts: str, height: int, width: int) -> np.ndarray:
         raise AnnotationError(f"RLE runs overlap or are out of order at run {k + 2} "
                               f"(start {int(starts[k + 1])} after a run ending at {int(ends[k])})",
                               "bad_rle")
-    total = height * width
     if ends[-1] > total:
         raise AnnotationError(f"RLE runs past the image: pixel {int(ends[-1])} of "
                               f"{total} ({height}x{width})", "rle_out_of_bounds")
@@ -158,3 +182,68 @@ def check_polygon_inside(points: Sequence[Sequence[float]], height: int, width: 
                               "annotation_out_of_bounds")
     if Polygon(pts).area == 0:
         raise AnnotationError("polygon has zero area")
+
+
+# --------------------------------------------------------------------------- mask files
+@dataclass(frozen=True)
+class MaskFile:
+    """A mask file read by the rule of the module docstring."""
+
+    mask: np.ndarray           # bool H x W
+    threshold: int             # foreground is value > threshold, on the 8-bit scale
+    grey_pixels: int           # anti-aliased pixels: strictly between 0 and full scale
+    unusual: tuple[str, ...]   # what differs from a plain 8-bit grey mask, in words
+
+
+def read_mask(data: bytes, threshold: int | str = "auto",
+              size: tuple[int, int] | None = None) -> MaskFile:
+    """Read a mask file (see the module docstring); ``size`` is the (height, width) its image
+    has, checked from the header before anything is decoded.
+
+    Raises :class:`AnnotationError` whose message follows the file's name ("<mask> is ..."):
+    ``unreadable_mask`` for an empty, unreadable or oversized file (more pixels than
+    :data:`curate.imageio.MAX_PIXELS`), ``mask_size_mismatch`` for another size.
+    """
+    expected = f" of {size[1]}x{size[0]}" if size else ""
+    try:
+        height, width = mask_size(data)
+        if size is not None and (height, width) != tuple(size):
+            raise AnnotationError(f"is {width}x{height}, expected {size[1]}x{size[0]} like "
+                                  "its image", "mask_size_mismatch")
+        values, kind = decode_mask_values(data)
+    except BadImage as exc:
+        raise AnnotationError(f"is unreadable ({exc}); expected a PNG, BMP, TIFF or JPEG "
+                              f"mask{expected}", "unreadable_mask") from None
+    unusual = [f"{kind} mask" + (": read by palette index, 0 as background"
+                                 if kind == "palette" else "")] if kind else []
+    values = _one_channel(values, unusual)
+    mask, used = binarize(values, threshold)
+    full = np.iinfo(values.dtype).max
+    levels = mask_levels(values)
+    if threshold == "auto" and used == 0 and len(levels):
+        if len(levels) > 1:
+            shown = ", ".join(str(v) for v in levels[:8]) + (" ..." if len(levels) > 8 else "")
+            unusual.append(f"label values {shown}: every non-zero value read as defect")
+        elif levels[0] not in (1, full):
+            unusual.append(f"its only non-zero value is {levels[0]}: read as defect")
+    grey = int(np.count_nonzero((values > 0) & (values < full))) if used else 0
+    return MaskFile(mask, used, grey, tuple(unusual))
+
+
+def _one_channel(values: np.ndarray, unusual: list[str]) -> np.ndarray:
+    """H x W values of a mask with colour and/or alpha channels (see the module docstring)."""
+    if values.ndim == 2:
+        return values
+    colour, alpha = (values[..., :-1], values[..., -1]) if values.shape[2] in (2, 4) else \
+        (values, None)
+    if colour.shape[2] > 1 and (colour != colour[..., :1]).any():
+        unusual.append("colour mask: the maximum over its channels read")
+    grey = colour.max(axis=2)
+    if alpha is None:
+        return grey
+    if (grey == grey.flat[0]).all() and (alpha != alpha.flat[0]).any():
+        unusual.append("uniform colour: the alpha channel read as the mask")
+        return alpha
+    if ((alpha == 0) & (grey > 0)).any():
+        unusual.append("transparent pixels read as background")
+    return np.where(alpha > 0, grey, 0).astype(values.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,17 +37,20 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def assert_every_file_accounted_for(manifest, root: Path) -> None:
-    """Each file under ``root`` is a row's image, a row's mask or annotation file, or listed
-    in the inventory (annotation files, unpaired, ignored): nothing vanishes."""
+    """Each entry under ``root`` the walk finds (a file it lists, or an entry it leaves out:
+    see ``curate.files.walk_files``) is a row's image, a row's mask or annotation file, or
+    listed in the inventory (annotation files, unpaired, ignored): nothing vanishes."""
     (inventory,) = manifest.header["inventory"].values()
     rows = manifest.row_list()
     seen = {r["path"] for r in rows}
     seen |= {r["annotation"][k] for r in rows for k in ("mask", "file") if k in r["annotation"]}
     seen |= set(inventory["annotation_files"])
     seen |= {e["path"] for e in inventory["unpaired"] + inventory["ignored"]}
-    files = set(walk_files(root))
-    assert seen == files
-    assert inventory["files"] == len(files)
+    left_out: list[str] = []
+    files = set(walk_files(root, on_skip=lambda rel, why: left_out.append(rel)))
+    entries = files | set(left_out)
+    assert seen == entries
+    assert inventory["files"] == len(entries) == len(files) + len(left_out)
 
 
 def kept_counts(manifest) -> Counter[tuple[str | None, str]]:
@@ -84,13 +88,18 @@ def truncate(path: Path) -> None:
 
 
 def mtd_subset(mtd_root: Path, out: Path, per_class: dict[str, int]) -> Path:
-    """A small MTD-shaped tree of links to the real files (nothing copied)."""
+    """A small MTD-shaped tree of hard links to the real files (nothing copied where the
+    file system allows). Not symbolic links: readers do not follow a link out of the source
+    folder."""
     for folder, n in per_class.items():
         target = out / folder / "Imgs"
         target.mkdir(parents=True)
         for jpg in sorted((mtd_root / folder / "Imgs").glob("*.jpg"))[:n]:
-            (target / jpg.name).symlink_to(jpg)
-            (target / jpg.with_suffix(".png").name).symlink_to(jpg.with_suffix(".png"))
+            for original in (jpg, jpg.with_suffix(".png")):
+                try:
+                    os.link(original, target / original.name)
+                except OSError:  # another file system: a copy of these small files
+                    shutil.copyfile(original, target / original.name)
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from curate.errors import CurateError
 from curate.sources.base import Reader
 from curate.sources.casting import CastingReader
@@ -17,9 +19,10 @@ READERS: dict[str, type[Reader]] = {r.kind: r for r in (
 )}
 
 
-def get_reader(kind: str) -> Reader:
+def get_reader(kind: str, leave_out: Mapping[str, str] | None = None) -> Reader:
+    """The reader of ``kind``; its walk does not enter the folders of ``leave_out``."""
     try:
-        return READERS[kind]()
+        return READERS[kind](leave_out)
     except KeyError:
         raise CurateError(f"unknown source kind {kind!r}; known kinds: "
                           f"{', '.join(sorted(READERS))}") from None

@@ -10,6 +10,9 @@ Conventions all readers follow:
 - compare extensions case-insensitively (``.JPG`` is a JPEG);
 - every file under the root is a sample image, a mask/annotation file of one, or listed in the
   inventory as unpaired or ignored, with why;
+- files are listed by :meth:`Reader.walk` alone (``curate.files.walk_files``): it never
+  follows a link out of the root, and lists what it leaves out (links leading outside, broken
+  links, FIFOs, unreadable folders, names that are not UTF-8 ...) as ignored, with why;
 - a layout that cannot be recognised at all stops the command with one sentence saying what
   was expected; anything smaller drops one sample with a reason.
 """
@@ -18,12 +21,12 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from curate.errors import CurateError
+from curate.errors import CurateError, UsageError
 from curate.files import walk_files
 from curate.imageio import is_image_name
 
@@ -33,7 +36,13 @@ COMBINED = "combined"  # MVTec AD's name for an image with several defect types
 
 @dataclass
 class Inventory:
-    """Every file under a source root that is not a sample image, with why."""
+    """Every file under a source root that is not a sample image, with why.
+
+    ``files`` counts the entries the walk found under the root: every file listed, plus every
+    entry it left out (each of those is one ``ignored`` line, a folder left out standing for
+    everything inside it). So each of the ``files`` entries is exactly once a row's image, a
+    row's mask or annotation file, an annotation file, unpaired or ignored.
+    """
 
     files: int = 0
     annotation_files: list[str] = field(default_factory=list)
@@ -77,31 +86,72 @@ class Reader(abc.ABC):
     layout: ClassVar[str]
     #: Option name -> default value; anything else is refused.
     options: ClassVar[dict[str, Any]] = {}
+    #: Option name -> its allowed values (a tuple) or its type. ``category`` is a string; an
+    #: option whose default is None may also be left None.
+    option_values: ClassVar[dict[str, tuple[Any, ...] | type]] = {}
+
+    def __init__(self, leave_out: Mapping[str, str] | None = None):
+        #: Folders under the root the walk must not enter (relative path -> why), such as a
+        #: workspace inside the source folder.
+        self.leave_out = dict(leave_out or {})
 
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Every option filled in; an unknown option or a refused value is bad usage."""
         allowed = {"category": self.category, **self.options}
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise CurateError(f"the {self.kind} reader has no option(s) {', '.join(unknown)}; "
-                              f"its options are: {', '.join(sorted(allowed))}")
-        return {**allowed, **options}
+            raise UsageError(f"the {self.kind} reader has no option(s) {', '.join(unknown)}; "
+                             f"its options are: {', '.join(sorted(allowed))}")
+        filled = {**allowed, **options}
+        for name, expected in {"category": str, **self.option_values}.items():
+            value = filled[name]
+            if value is None and allowed[name] is None:
+                continue
+            if isinstance(expected, tuple):
+                ok = any(type(value) is type(v) and value == v for v in expected)
+                wanted = f"one of {', '.join(map(_option_text, expected))}"
+            else:
+                ok, wanted = isinstance(value, expected), _TYPE_WORDS[expected]
+            if not ok:
+                shown = _option_text(value) if isinstance(value, bool) else repr(value)
+                raise UsageError(f"{self.kind} option {name}={shown}: expected {wanted}")
+        return filled
 
     @abc.abstractmethod
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
         """Read the layout under ``root``; ``options`` has every option filled in."""
 
-    def files(self, root: Path) -> list[str]:
-        """All files under ``root``; stops with one sentence if there are none."""
+    def walk(self, root: Path) -> tuple[list[str], Inventory]:
+        """Every file under ``root`` a reader may read, and an inventory that already lists
+        what the walk left out (see ``curate.files.walk_files``) and counts every entry.
+        Stops with one sentence if there is no file at all."""
         if not root.is_dir():
             raise CurateError(f"{root}: not a folder; expected a {self.kind} source folder "
                               f"({self.layout})")
-        files = list(walk_files(root))
+        inv = Inventory()
+        files = list(walk_files(root, on_skip=inv.ignore, leave_out=self.leave_out))
+        inv.files = len(files) + len(inv.ignored)
         if not files:
+            if inv.ignored:
+                first = inv.ignored[0]
+                raise CurateError(f"{root}: no file curate may read ({len(inv.ignored)} "
+                                  f"entries left out, such as {first['path']}: {first['why']}); "
+                                  f"expected {self.layout}")
             raise CurateError(f"{root}: the folder is empty; expected {self.layout}")
-        return files
+        return files, inv
 
     def unrecognised(self, root: Path) -> CurateError:
         return CurateError(f"{root}: no {self.kind} layout found; expected {self.layout}")
+
+
+_TYPE_WORDS = {str: "a string", bool: "true or false"}
+
+
+def _option_text(value: Any) -> str:
+    """An option value as it is written on the command line (``true``, not ``True``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else repr(value)
 
 
 def stem_and_ext(rel: str) -> tuple[str, str]:

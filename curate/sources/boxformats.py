@@ -3,16 +3,21 @@
 Each ``read_*`` function pairs annotation files with the images under a root and returns, per
 image path, the :class:`Shapes` its annotation gives or why it is :class:`Unusable`; images
 it returns nothing for have no annotation. Shapes use the manifest's coordinates: continuous
-pixels, (0, 0) the top-left corner of the image. Annotation files used go to the inventory's
-``annotation_files``; those without an image are listed as unpaired. Whatever else is under
-the root is the caller's to account for.
+pixels, (0, 0) the top-left corner of the image; a COCO RLE mask (``iscrowd``) becomes the
+manifest's Kaggle RLE string, exactly. Where an image's size is needed (YOLO's normalised
+coordinates, a COCO RLE's size) only its header is read; a header declaring a decompression
+bomb makes the image :class:`Unusable` (``image_too_large``). Annotation files used go to the
+inventory's ``annotation_files``; those without an image are listed as unpaired. Whatever
+else is under the root is the caller's to account for.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,6 +42,7 @@ class Shapes:
     classes: set[str] = field(default_factory=set)
     boxes: list[dict[str, Any]] = field(default_factory=list)
     polygons: list[dict[str, Any]] = field(default_factory=list)
+    rle: list[dict[str, str]] = field(default_factory=list)
 
     def add_box(self, cls: str, x0: float, y0: float, x1: float, y1: float) -> None:
         self.classes.add(cls)
@@ -46,6 +52,11 @@ class Shapes:
         self.classes.add(cls)
         self.polygons.append({"class": cls, "points": points})
 
+    def add_rle(self, cls: str, counts: str) -> None:
+        """A pixel mask as a Kaggle RLE string (``curate.masks.rle_decode``)."""
+        self.classes.add(cls)
+        self.rle.append({"class": cls, "counts": counts})
+
     def annotation(self) -> dict[str, Any]:
         """The row's ``annotation`` object (empty lists left out)."""
         ann: dict[str, Any] = {"file": self.file}
@@ -53,6 +64,8 @@ class Shapes:
             ann["boxes"] = self.boxes
         if self.polygons:
             ann["polygons"] = self.polygons
+        if self.rle:
+            ann["rle"] = self.rle
         return ann
 
 
@@ -67,6 +80,11 @@ class Unusable:
 
 class _BadAnnotation(ValueError):
     """Raised while parsing one annotation file; the message names the file (and line)."""
+
+
+class _ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than Pillow will open (a decompression
+    bomb, or a corrupt header); the message names the image."""
 
 
 Found = dict[str, Shapes | Unusable]
@@ -265,11 +283,17 @@ def _parse_yolo(path: Path, rel: str, names: dict[int, str] | None,
     return shapes
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the image header alone; None if it is not a readable image."""
+def _image_size(path: Path, rel: str) -> tuple[int, int] | None:
+    """(width, height) from the image header alone; None if it is not a readable image (the
+    ingest stage drops it). Raises :class:`_ImageTooLarge` for a decompression bomb."""
     try:
-        with Image.open(path) as im:
-            return im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: still only the header
+            with Image.open(path) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise _ImageTooLarge(f"{rel}: the image header declares too many pixels to be read "
+                             f"safely ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
 
@@ -292,9 +316,11 @@ def read_yolo(root: Path, files: list[str], images: list[str], inv: Inventory) -
     for image, txt in sorted(pairs.items()):
         inv.annotation_files.append(txt)
         try:
-            found[image] = _parse_yolo(root / txt, txt, names, _image_size(root / image))
+            found[image] = _parse_yolo(root / txt, txt, names, _image_size(root / image, image))
         except _BadAnnotation as exc:
             found[image] = Unusable("bad_annotation", str(exc), txt)
+        except _ImageTooLarge as exc:
+            found[image] = Unusable("image_too_large", str(exc), txt)
     return found
 
 
@@ -351,8 +377,85 @@ def _coco_images(doc: dict[str, Any], json_rel: str, images: list[str],
     return by_id
 
 
-def _add_coco_shape(shapes: Shapes, ann: dict[str, Any], cls: str, where: str) -> None:
+def _coco_counts_from_string(text: str, where: str) -> list[int]:
+    """The run lengths of pycocotools' compressed RLE string (its ``rleFrString``).
+
+    Each count is written in groups of 5 bits, lowest first, as characters ``'0' + group``
+    (48-111); bit 0x20 of a group says another follows, and bit 0x10 of the last one is the
+    sign. From the fourth count on, each is stored as its difference from the count two
+    before it.
+    """
+    counts: list[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos == len(text):
+                raise _BadAnnotation(f"{where}: compressed RLE counts end in the middle of a "
+                                     "number")
+            group = ord(text[pos]) - 48
+            if not 0 <= group < 64:
+                raise _BadAnnotation(f"{where}: compressed RLE counts hold {text[pos]!r}, "
+                                     "which is not an RLE character ('0' to 'o')")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            pos += 1
+            shift += 5
+            if not more and group & 0x10:
+                value -= 1 << shift  # sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            raise _BadAnnotation(f"{where}: compressed RLE count {len(counts)} is negative")
+        counts.append(value)
+    return counts
+
+
+def _coco_rle(segmentation: dict[str, Any], where: str) -> tuple[str, int, int]:
+    """A COCO RLE segmentation (``iscrowd`` masks, as pycocotools and CVAT write them:
+    ``counts`` a list or its compressed string, ``size`` [height, width]) as a Kaggle RLE
+    string, and its height and width.
+
+    COCO counts alternate runs of 0s and 1s, starting with 0s, down each column in turn (the
+    column-major order of the Kaggle RLE the rest of curate uses), so converting is exact.
+    """
+    size, counts = segmentation.get("size"), segmentation.get("counts")
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise _BadAnnotation(f"{where}: RLE segmentation needs 'size' [height, width] of "
+                             "positive integers")
+    height, width = size
+    if isinstance(counts, str):
+        runs = _coco_counts_from_string(counts, where)
+    elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                          and v >= 0 for v in counts):
+        runs = counts
+    else:
+        raise _BadAnnotation(f"{where}: RLE 'counts' must be a list of non-negative integers "
+                             "or pycocotools' compressed string")
+    if sum(runs) != height * width:
+        raise _BadAnnotation(f"{where}: RLE counts cover {sum(runs)} pixels, but its size "
+                             f"{height}x{width} has {height * width}")
+    pairs, start = [], 0
+    for k, run in enumerate(runs):
+        if k % 2 and run:
+            pairs += [start + 1, run]
+        start += run
+    return " ".join(map(str, pairs)), height, width
+
+
+def _add_coco_shape(shapes: Shapes, ann: dict[str, Any], cls: str, where: str,
+                    image_size: Callable[[], tuple[int, int] | None]) -> None:
     segmentation = ann.get("segmentation")
+    if isinstance(segmentation, dict):
+        # An RLE mask: decoded exactly. Its size must be the image's, or the columns shift.
+        counts, height, width = _coco_rle(segmentation, where)
+        size = image_size()
+        if size is not None and size != (width, height):
+            raise _BadAnnotation(f"{where}: RLE size {width}x{height} (width x height) is not "
+                                 f"the image's {size[0]}x{size[1]}")
+        shapes.add_rle(cls, counts)
+        return
     if isinstance(segmentation, list) and segmentation:
         # Polygons are the finer outline; the bbox around them would only blur the mask.
         for k, flat in enumerate(segmentation):
@@ -363,7 +466,6 @@ def _add_coco_shape(shapes: Shapes, ann: dict[str, Any], cls: str, where: str) -
             shapes.add_polygon(cls, [list(p) for p in zip(values[0::2], values[1::2],
                                                           strict=True)])
         return
-    # An RLE segmentation (a dict) keeps only its bbox: boxes are what this reader rasterises.
     bbox = _finite_numbers(ann.get("bbox"), 4)
     if bbox is None:
         raise _BadAnnotation(f"{where}: expected a 'bbox' [x, y, width, height] of numbers")
@@ -395,9 +497,12 @@ def read_coco(root: Path, json_rel: str, images: list[str], inv: Inventory) -> F
             if not isinstance(category, (int, str)) or ("categories" in doc
                                                         and category not in names):
                 raise _BadAnnotation(f"{where}: category_id {category!r} is not in categories")
-            _add_coco_shape(shapes, ann, names.get(category, str(category)), where)
+            _add_coco_shape(shapes, ann, names.get(category, str(category)), where,
+                            lambda image=image: _image_size(root / image, image))
         except _BadAnnotation as exc:
             found[image] = Unusable("bad_annotation", str(exc), json_rel)
+        except _ImageTooLarge as exc:
+            found[image] = Unusable("image_too_large", str(exc), json_rel)
     for image in images:
         if image not in found:
             found[image] = Unusable("not_in_annotations",

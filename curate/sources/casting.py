@@ -9,6 +9,7 @@ reader takes the three a user will have (see ``curate.sources.boxformats``), cho
 - ``yolo``: ``labels/…/<stem>.txt`` mirroring ``images/…/<stem>.jpg``, or the TXT beside the
   image; class names from ``classes.txt`` or ``data.yaml`` when present;
 - ``coco``: one JSON file (the ``annotations`` option, or the only ``*.json`` under the root);
+  boxes, polygons and RLE masks (``iscrowd``, plain or compressed counts);
 - ``auto`` (default): the one format whose annotation files are present.
 
 Images may be anywhere under the root. A VOC or YOLO image without an annotation file is
@@ -22,12 +23,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
+from curate.errors import CurateError, UsageError
 from curate.files import check_relative
 from curate.manifest import drop, new_row
 from curate.sources.base import (
     GOOD,
-    Inventory,
     Reader,
     Scan,
     ignore_rest,
@@ -58,26 +58,25 @@ class CastingReader(Reader):
     layout = ("images anywhere under the folder with Pascal VOC XML, YOLO TXT or COCO JSON "
               "box annotations")
     options = {"format": "auto", "unannotated": "good", "annotations": None}
+    option_values = {"format": ("auto", *FORMATS), "unannotated": UNANNOTATED,
+                     "annotations": str}
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        filled = super().check_options(options)
+        if filled["annotations"] is not None and filled["format"] not in ("auto", "coco"):
+            raise UsageError(f"casting option annotations={filled['annotations']} names a COCO "
+                             f"file, but format={filled['format']}")
+        return filled
 
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
         fmt, unannotated, coco_file = (options["format"], options["unannotated"],
                                        options["annotations"])
-        if fmt not in ("auto", *FORMATS):
-            raise CurateError(f"casting option format={fmt!r}: expected auto, "
-                              f"{', '.join(FORMATS)}")
-        if unannotated not in UNANNOTATED:
-            raise CurateError(f"casting option unannotated={unannotated!r}: expected "
-                              f"{' or '.join(UNANNOTATED)}")
-        if coco_file is not None and fmt not in ("auto", "coco"):
-            raise CurateError(f"casting option annotations={coco_file!r} names a COCO file, "
-                              f"but format={fmt!r}")
-        files = self.files(root)
+        files, inv = self.walk(root)
         images = [f for f in files if is_image(f)]
         if not images:
             raise self.unrecognised(root)
         if fmt == "auto":
             fmt = "coco" if coco_file is not None else self._detect_format(root, files, images)
-        inv = Inventory(files=len(files))
         if fmt == "voc":
             found = read_voc(root, files, images, inv)
         elif fmt == "yolo":

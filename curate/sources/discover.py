@@ -67,6 +67,11 @@ def discover(folder: Path | None, kinds: list[str], folder_names: dict[str, tupl
             claimed.add(match)
         else:
             names = folder_names.get(kind) or CATALOG[kind].folder_names
+            if folder is None:
+                missing[kind] = (f"not given: pass --source {kind}=PATH, or --sources with a "
+                                 f"folder named {' / '.join(names[:3])} in it; download it from "
+                                 f"{CATALOG[kind].url}")
+                continue
             missing[kind] = (f"no folder named {' / '.join(names[:3])} under {folder}, and no "
                              f"sub-folder with its layout; download it from {CATALOG[kind].url}"
                              f" or pass --source {kind}=PATH")

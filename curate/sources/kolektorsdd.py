@@ -17,9 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
 from curate.manifest import drop, new_row
-from curate.sources.base import Inventory, Reader, Scan, pair_masks_beside
+from curate.sources.base import Reader, Scan, pair_masks_beside
 
 _IN_KOS = re.compile(r"^kos\d+/[^/]+$")
 MASK_SUFFIX = "_label"
@@ -33,16 +32,10 @@ class KolektorSDDReader(Reader):
     category = "KolektorSDD"
     layout = "kosNN/PartN.jpg images with PartN_label.bmp masks beside them"
     options = {"release": "fine", "skip_known_faulty": True}
+    option_values = {"release": RELEASES, "skip_known_faulty": bool}
 
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
-        if options["release"] not in RELEASES:
-            raise CurateError(f"kolektorsdd option release={options['release']!r}: expected "
-                              f"one of {', '.join(RELEASES)}")
-        if not isinstance(options["skip_known_faulty"], bool):
-            raise CurateError(f"kolektorsdd option skip_known_faulty="
-                              f"{options['skip_known_faulty']!r}: expected true or false")
-        files = self.files(root)
-        inv = Inventory(files=len(files))
+        files, inv = self.walk(root)
         pairs = pair_masks_beside(files, inv, folder=_IN_KOS, mask_suffix=MASK_SUFFIX,
                                   elsewhere="not an image directly inside a kosNN folder")
         if not pairs:

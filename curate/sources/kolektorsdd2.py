@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.manifest import drop, new_row
-from curate.sources.base import Inventory, Reader, Scan, pair_masks_beside
+from curate.sources.base import Reader, Scan, pair_masks_beside
 
 _IN_SPLIT = re.compile(r"^(train|test)/[^/]+$")
 MASK_SUFFIX = "_GT"
@@ -30,8 +30,7 @@ class KolektorSDD2Reader(Reader):
     layout = "train/<id>.png and test/<id>.png images with <id>_GT.png masks beside them"
 
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
-        files = self.files(root)
-        inv = Inventory(files=len(files))
+        files, inv = self.walk(root)
         pairs = pair_masks_beside(files, inv, folder=_IN_SPLIT, mask_suffix=MASK_SUFFIX,
                                   elsewhere="not an image directly inside train/ or test/")
         if not pairs:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.manifest import drop, new_row
-from curate.sources.base import GOOD, Inventory, Reader, Scan, is_image, stem_and_ext
+from curate.sources.base import GOOD, Reader, Scan, is_image, stem_and_ext
 
 _IN_IMGS = re.compile(r"^MT_([^/]+)/Imgs/([^/]+)$")
 FREE = "Free"
@@ -27,8 +27,7 @@ class MTDReader(Reader):
     layout = "MT_<class>/Imgs/<stem>.jpg images with <stem>.png masks beside them"
 
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
-        files = self.files(root)
-        inv = Inventory(files=len(files))
+        files, inv = self.walk(root)
         groups: dict[tuple[str, str], dict[str, list[str]]] = {}
         for rel in files:
             m = _IN_IMGS.match(rel)

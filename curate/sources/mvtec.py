@@ -19,7 +19,7 @@ from typing import Any
 
 from curate.errors import CurateError
 from curate.manifest import drop, new_row
-from curate.sources.base import GOOD, Inventory, Reader, Scan, is_image, stem_and_ext
+from curate.sources.base import GOOD, Reader, Scan, is_image, stem_and_ext
 
 SPLITS = ("train", "test")
 GROUND_TRUTH = "ground_truth"
@@ -46,10 +46,10 @@ class MVTecReader(Reader):
               "folder")
 
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
-        files = self.files(root)
-        inv = Inventory(files=len(files))
+        files, inv = self.walk(root)
         categories = category_folders(root, files, options["category"])
-        images: list[tuple[str, str, str, str, str]] = []  # (path, prefix, split, label, stem)
+        # (prefix, split, label, stem) -> image: one image per name, as one mask per image
+        images: dict[tuple[str, str, str, str], str] = {}
         masks: dict[tuple[str, str, str], str] = {}  # (prefix, defect, image stem) -> mask
         for rel in files:
             prefix = "" if "" in categories else rel.split("/", 1)[0] + "/"
@@ -59,7 +59,12 @@ class MVTecReader(Reader):
                 inv.ignore(rel, "not an image at <category>/<split>/<label>/<name> or "
                                 "<category>/ground_truth/<defect>/<name>_mask.png")
             elif parts[0] in SPLITS:
-                images.append((rel, prefix, parts[0], parts[1], stem))
+                key = (prefix, parts[0], parts[1], stem)
+                if key in images:
+                    inv.unpair(rel, f"a second image with the stem of {images[key]} (one image "
+                                    "per name: a mask names the image it belongs to by stem)")
+                else:
+                    images[key] = rel
             elif parts[0] == GROUND_TRUTH and stem.endswith(MASK_SUFFIX):
                 key = (prefix, parts[1], stem.removesuffix(MASK_SUFFIX))
                 if key in masks:
@@ -74,7 +79,7 @@ class MVTecReader(Reader):
 
         used: set[str] = set()
         rows = []
-        for rel, prefix, split, label, stem in images:
+        for (prefix, split, label, stem), rel in images.items():
             row = new_row(source=source, path=rel, category=categories[prefix],
                           source_split=split, label=label,
                           defect_classes=[] if label == GOOD else [label])

@@ -14,7 +14,9 @@ Layout as distributed::
 
 An image may carry several classes: each keeps its own RLE entry (a well-known public loader
 keeps only the last one per image). RLE strings are kept verbatim; the labels stage decodes
-and checks them against the image size. Train images the CSV gives no encoding are good.
+and checks them against the image size. Train images the CSV gives no encoding are good. A
+line that cannot be used is listed as rejected; when it names a train image, that image is
+dropped too (``bad_annotation``): with one of its lines unusable, its label is unknown.
 
 Defect classes are named ``class1`` … ``class4`` everywhere (labels, RLE entries and the
 per-class masks ``mask:class1`` …); the label is ``combined`` when an image has several.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +69,43 @@ def _layout(header: list[str], path: Path) -> Callable[[list[str]], tuple[str, s
                       f"{','.join(WIDE_HEADER)!r} (legacy wide layout)")
 
 
+def _image_named(fields: list[str], train_images: dict[tuple[str, str], str]) -> str | None:
+    """The train image a CSV line names in its first field, in either layout, if any."""
+    first = fields[0].strip() if fields else ""
+    for image_id in (first, first.rpartition("_")[0]):
+        image = train_images.get(stem_and_ext(image_id)) if image_id else None
+        if image is not None:
+            return image
+    return None
+
+
+@dataclass
+class TrainLabels:
+    """What train.csv says: RLE strings by train image path then class id, and the lines
+    that could not be used, by the train image they name."""
+
+    rle: dict[str, dict[str, str]] = field(default_factory=dict)
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+
+
 def read_train_csv(path: Path, train_images: dict[tuple[str, str], str],
-                   inv: Inventory) -> dict[str, dict[str, str]]:
-    """RLE strings by train image path, then by class id; unusable lines go to ``inv``.
+                   inv: Inventory) -> TrainLabels:
+    """RLE strings by train image; unusable lines go to ``inv`` (and, when they name a train
+    image, to ``rejected`` under it).
 
     ``train_images`` maps (stem, lower-case extension) to the image's path, so that an
     ImageId ``x.jpg`` finds ``train_images/x.JPG``. Lines whose encoding is empty are kept
     track of (a duplicate of one is still a duplicate) but add no RLE entry.
     """
-    found: dict[str, dict[str, str]] = {}
+    labels = TrainLabels()
+    found = labels.rle
     first_line: dict[tuple[str, str], int] = {}
+
+    def reject(where: str, why: str, fields: list[str]) -> None:
+        inv.reject(where, why)
+        image = _image_named(fields, train_images)
+        if image is not None:
+            labels.rejected.setdefault(image, []).append(f"{where}: {why}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -87,26 +117,26 @@ def read_train_csv(path: Path, train_images: dict[tuple[str, str], str],
                 try:
                     image_id, class_id, counts = fields_of(fields)
                 except ValueError as exc:
-                    inv.reject(where, str(exc))
+                    reject(where, str(exc), fields)
                     continue
                 image_id, class_id = image_id.strip(), class_id.strip()
                 if class_id not in CLASS_IDS:
-                    inv.reject(where, f"ClassId {class_id!r} is not one of "
-                                      f"{', '.join(CLASS_IDS)}")
+                    reject(where, f"ClassId {class_id!r} is not one of {', '.join(CLASS_IDS)}",
+                           fields)
                     continue
                 try:
                     check_relative(image_id, "ImageId")
                 except UnsafePathError as exc:
-                    inv.reject(where, str(exc))
+                    reject(where, str(exc), fields)
                     continue
                 image = train_images.get(stem_and_ext(image_id))
                 if image is None:
-                    inv.reject(where, f"no image {TRAIN}/{image_id}")
+                    reject(where, f"no image {TRAIN}/{image_id}", fields)
                     continue
                 key = (image, class_id)
                 if key in first_line:
-                    inv.reject(where, f"a second line for {image_id} class {class_id} "
-                                      f"(the first is line {first_line[key]})")
+                    reject(where, f"a second line for {image_id} class {class_id} (the first "
+                                  f"is line {first_line[key]})", fields)
                     continue
                 first_line[key] = reader.line_num
                 if counts.strip():
@@ -114,7 +144,7 @@ def read_train_csv(path: Path, train_images: dict[tuple[str, str], str],
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CurateError(f"{path}: not a readable CSV file ({exc}); expected Severstal's "
                           "train.csv") from exc
-    return found
+    return labels
 
 
 class SeverstalReader(Reader):
@@ -124,15 +154,17 @@ class SeverstalReader(Reader):
               "defects")
 
     def scan(self, root: Path, source: str, options: dict[str, Any]) -> Scan:
-        files = self.files(root)
-        has_csv, has_train = (root / CSV).is_file(), (root / TRAIN).is_dir()
+        files, inv = self.walk(root)
+        # Only what the walk listed counts: a train.csv linking outside the folder is not read.
+        has_csv = CSV in files
+        has_train = (root / TRAIN).is_dir()
         if not has_csv and not has_train:
             raise self.unrecognised(root)
         if not has_csv or not has_train:
             missing = root / (CSV if not has_csv else TRAIN)
             raise CurateError(f"{missing}: not found; a Severstal folder needs both "
                               f"{TRAIN}/ and {CSV} (the labels of the train images)")
-        inv = Inventory(files=len(files), annotation_files=[CSV])
+        inv.annotation_files.append(CSV)
         train: dict[tuple[str, str], str] = {}
         test: list[str] = []
         for rel in files:
@@ -150,20 +182,26 @@ class SeverstalReader(Reader):
             else:
                 inv.ignore(rel, IGNORED.get(rel, f"not an image in {TRAIN}/ or {TEST}/, "
                                                  f"nor {CSV}"))
-        rle = read_train_csv(root / CSV, train, inv)
+        csv_labels = read_train_csv(root / CSV, train, inv)
 
         category = options["category"]
         rows = []
         for image in sorted(train.values()):
-            by_class = rle.get(image, {})
+            by_class = csv_labels.rle.get(image, {})
             annotation: dict[str, Any] = {"file": CSV}
             if by_class:
                 annotation["rle"] = [{"class": f"class{k}", "counts": v}
                                      for k, v in sorted(by_class.items())]
             classes = [f"class{k}" for k in sorted(by_class)]
-            rows.append(new_row(source=source, path=image, category=category,
-                                source_split="train", label=label_for(classes),
-                                defect_classes=classes, annotation=annotation))
+            row = new_row(source=source, path=image, category=category, source_split="train",
+                          label=label_for(classes), defect_classes=classes,
+                          annotation=annotation)
+            rejected = csv_labels.rejected.get(image)
+            if rejected:
+                drop(row, "ingest", "bad_annotation",
+                     f"{image}: {len(rejected)} line(s) of {CSV} naming it cannot be used, so "
+                     f"its label is unknown ({'; '.join(rejected)})")
+            rows.append(row)
         for image in test:
             row = new_row(source=source, path=image, category=category, source_split="test")
             rows.append(drop(row, "ingest", "no_labels",

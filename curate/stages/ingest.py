@@ -6,7 +6,9 @@ channels from the header, and a completeness check (see ``curate.imageio.probe``
 not decoded here. Where a source defines the label by its mask (KolektorSDD, KolektorSDD2),
 the reader leaves the label empty and this stage reads the mask to decide good / defect.
 
-Originals are only ever opened for reading.
+Originals are only ever opened for reading. A workspace inside the source folder is left out
+of the walk (and listed in the inventory as ignored): its files are curate's own, and change
+at every run.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from curate.canonical import content_hash
-from curate.errors import CurateError
+from curate.errors import CurateError, UsageError
 from curate.files import sha256_bytes, walk_files
-from curate.imageio import BadImage, binarize, decode, probe
+from curate.imageio import BadImage, probe
 from curate.manifest import Manifest
+from curate.masks import AnnotationError, read_mask
 from curate.runner import Context, SampleEnv, Stage, Update, apply_update
 from curate.sources import get_reader
 from curate.sources.base import GOOD
@@ -54,22 +57,22 @@ def probe_sample(row: dict[str, Any], env: SampleEnv) -> Update:
         update["annotation"] = {**row["annotation"], "mask_sha256": sha256_bytes(mask_bytes)}
         if row["label"] is None:
             try:
-                mask, _ = binarize(decode(mask_bytes))
-            except (BadImage, ValueError) as exc:
-                update["drop"] = [("unreadable_mask", f"{mask_rel}: {exc}; expected an 8-bit "
-                                   "mask image")]
+                defective = bool(read_mask(mask_bytes).mask.any())
+            except AnnotationError as exc:
+                update["drop"] = [(exc.code, f"mask {mask_rel} {exc}")]
                 return update
-            defective = bool(mask.any())
             update["label"] = DEFECT if defective else GOOD
             update["defect_classes"] = [DEFECT] if defective else []
     return update
 
 
-def source_fingerprint(root: Path) -> str:
-    """Hash of every file's path, size and modification time: cheap change detection."""
-    entries = []
+def source_fingerprint(root: Path, leave_out: dict[str, str]) -> str:
+    """Hash of every file's path, size and modification time, and of every entry the walk
+    leaves out (it is in the inventory): cheap change detection."""
+    entries: list[list[Any]] = []
     base = os.fspath(root)
-    for rel in walk_files(base):
+    for rel in walk_files(base, on_skip=lambda rel, why: entries.append([rel, why]),
+                          leave_out=leave_out):
         st = os.stat(os.path.join(base, rel))
         entries.append([rel, st.st_size, st.st_mtime_ns])
     return content_hash(entries)
@@ -86,13 +89,28 @@ class Ingest(Stage):
     def _source(self, params: IngestParams) -> str:
         return params.source or params.kind
 
+    def _leave_out(self, ctx: Context) -> dict[str, str]:
+        """The workspace folder, when it lies inside the source folder: not part of the source."""
+        if ctx.workspace is None:
+            return {}
+        workspace = os.path.realpath(ctx.workspace.root)
+        root = os.path.realpath(self.root)
+        if workspace == root:
+            raise UsageError(f"{ctx.workspace.root}: the workspace is the source folder itself; "
+                             "choose a workspace folder outside the source")
+        if not workspace.startswith(root.rstrip(os.sep) + os.sep):
+            return {}
+        return {Path(os.path.relpath(workspace, root)).as_posix():
+                "the curate workspace of this ingest: curate's own files, not the source's"}
+
     def cache_key(self, inputs, params: IngestParams, ctx: Context) -> str | None:
         if not self.root.is_dir():
             return None  # let run() say what is wrong
         return content_hash({
             "stage": self.name, "version": self.version, "kind": params.kind,
             "source": self._source(params), "options": params.options,
-            "root": str(self.root), "files": source_fingerprint(self.root),
+            "root": str(self.root),
+            "files": source_fingerprint(self.root, self._leave_out(ctx)),
         })
 
     def roots(self, inputs, params: IngestParams) -> dict[str, str]:
@@ -101,7 +119,7 @@ class Ingest(Stage):
     def run(self, inputs: list[Manifest], params: IngestParams, ctx: Context) -> Manifest:
         if inputs:
             raise CurateError("ingest reads a source folder, not a manifest")
-        reader = get_reader(params.kind)
+        reader = get_reader(params.kind, leave_out=self._leave_out(ctx))
         source = self._source(params)
         options = reader.check_options(dict(params.options))
         scan = reader.scan(self.root, source, options)
