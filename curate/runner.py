@@ -47,7 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from curate.canonical import content_hash
 from curate.errors import CurateError, UnsafePathError
-from curate.files import safe_join
+from curate.files import source_file_path
 from curate.imageio import BadImage
 from curate.manifest import COLUMNS, KEPT, Manifest, drop, manifest_row, note
 from curate.optional import require
@@ -73,12 +73,13 @@ class SampleEnv:
         return Store(self.store_root)
 
     def source_path(self, row: dict[str, Any], rel: str | None = None) -> Path:
-        """Absolute path of the row's image (or of ``rel`` in the row's source)."""
+        """Absolute path of the row's image (or of ``rel`` in the row's source), checked to be
+        still inside the source folder (see ``curate.files.source_file_path``)."""
         root = self.roots.get(row["source"])
         if root is None:
             raise CurateError(f"no folder is known for source {row['source']!r}")
-        return safe_join(root, rel if rel is not None else row["path"],
-                         what=f"path in source {row['source']!r}")
+        return source_file_path(root, rel if rel is not None else row["path"],
+                                what=f"path in source {row['source']!r}")
 
     def read_source(self, row: dict[str, Any], rel: str | None = None) -> bytes:
         with open(self.source_path(row, rel), "rb") as fh:

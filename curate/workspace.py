@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from curate import __version__
 from curate.canonical import sha256_hex
 from curate.errors import CurateError, ManifestError
-from curate.files import atomic_write_text, safe_join
+from curate.files import atomic_write_text, source_file_path
 from curate.manifest import HEADER_KEY, Manifest
 from curate.store import Store
 
@@ -193,4 +193,4 @@ class Workspace:
         if root is None:
             raise CurateError(f"manifest {manifest.id} does not know where source {source!r} "
                               "lives: ingest it again in this workspace")
-        return safe_join(root, rel, what=f"path in source {source!r}")
+        return source_file_path(root, rel, what=f"path in source {source!r}")
