@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +20,13 @@ from typing import Any
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from curate import __version__
 from curate.errors import CurateError, UsageError
 from curate.manifest import Manifest, diff
+from curate.optional import require
 from curate.runner import (
     EXECUTORS,
     Context,
@@ -45,7 +48,7 @@ class Failure(click.ClickException):
     exit_code = 1
 
     def show(self, file=None) -> None:
-        stderr.print(f"[bold red]error:[/] {self.message}", highlight=False)
+        stderr.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False)
 
 
 def common_options(fn: Callable) -> Callable:
@@ -87,13 +90,25 @@ def common_options(fn: Callable) -> Callable:
     return wrapper
 
 
-def _context(workspace: Path, seed: int, jobs: int, *, create: bool = True) -> Context:
+def _context(workspace: Path, seed: int, jobs: int, *, create: bool = True,
+             write: bool = True) -> Context:
+    """The Context a command runs in. A command that writes the workspace holds its lock
+    until the context closes: from before it reads HEAD until after it moved it, so that a
+    second writer waits instead of losing a result (see curate.lock). Readers (``write=False``)
+    never take it nor wait for it."""
     click_ctx = click.get_current_context(silent=True)
     meta = click_ctx.meta if click_ctx is not None else {}
-    return Context(Workspace.open(workspace, create=create), jobs=jobs, seed=seed,
-                   console=stderr, executor=meta.get("curate.executor"),
-                   ray_address=meta.get("curate.ray_address"),
-                   ray_data=meta.get("curate.ray_data", False))
+    ctx = Context(Workspace.open(workspace, create=create), jobs=jobs, seed=seed,
+                  console=stderr, executor=meta.get("curate.executor"),
+                  ray_address=meta.get("curate.ray_address"),
+                  ray_data=meta.get("curate.ray_data", False))
+    if write:
+        try:
+            ctx.lock_workspace(shlex.join(["curate", *sys.argv[1:]]))
+        except BaseException:
+            ctx.close()
+            raise
+    return ctx
 
 
 def _emit_json(data: Any) -> None:
@@ -384,17 +399,28 @@ def manifest_list(workspace, seed, jobs, as_json):
     ws = Workspace.open(workspace, create=False)
     infos = ws.list()
     head = ws.head()
+    # A damaged manifest does not hide the others (listing is how one looks into a damaged
+    # workspace): it is listed as unreadable, named on stderr, and the exit status is 1.
     if as_json:
         _emit_json([vars(i) | {"latest": i.id == head} for i in infos])
-        return
-    table = Table()
-    for col in ("", "id", "stage", "parents", "samples", "kept", "dropped", "created"):
-        table.add_column(col)
-    for i in infos:
-        table.add_row("*" if i.id == head else "", i.id, i.stage,
-                      " ".join(p[:12] for p in i.parents) or "-", str(i.samples), str(i.kept),
-                      str(i.dropped), i.created_at[:19].replace("T", " "))
-    stdout.print(table)
+    else:
+        table = Table()
+        for col in ("", "id", "stage", "parents", "samples", "kept", "dropped", "created"):
+            table.add_column(col)
+        for i in infos:
+            if i.problem:
+                table.add_row("*" if i.id == head else "", i.id, "[red]unreadable[/]",
+                              "-", "-", "-", "-", "-")
+                continue
+            table.add_row("*" if i.id == head else "", i.id, i.stage,
+                          " ".join(p[:12] for p in i.parents) or "-", str(i.samples),
+                          str(i.kept), str(i.dropped), i.created_at[:19].replace("T", " "))
+        stdout.print(table)
+    damaged = [i for i in infos if i.problem]
+    for i in damaged:
+        stderr.print(f"[bold red]error:[/] {escape(i.problem)}", highlight=False)
+    if damaged:
+        sys.exit(1)
 
 
 @manifest_group.command("show")
@@ -486,7 +512,7 @@ def manifest_verify(manifest, no_originals, workspace, seed, jobs, as_json):
     """
     from curate.verify import verify
 
-    with _context(workspace, seed, jobs, create=False) as ctx:
+    with _context(workspace, seed, jobs, create=False, write=False) as ctx:
         m = ctx.workspace.load(manifest)
         problems = verify(m, ctx, originals=not no_originals)
     if as_json:
@@ -814,13 +840,7 @@ def sdas_group() -> None:
 
 
 def _sdas_import(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise Failure(f"curate sdas needs the detectors extra ({exc}); "
-                      "pip install 'curate[detectors]'") from exc
+    return require(module, "curate sdas")
 
 
 @sdas_group.command("train")
@@ -1029,11 +1049,8 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
       curate filter-noise ./train/good --out ./train-clean --hard-normals 10
       curate filter-noise -w ws --hard-normals 20
     """
-    try:
-        from curate.stages.ssfilter import SSFilter, filter_folder
-    except ImportError as exc:
-        raise Failure(f"curate filter-noise needs PyTorch ({exc}); "
-                      "pip install 'curate[detectors]'") from exc
+    ssfilter = require("curate.stages.ssfilter", "curate filter-noise")
+    SSFilter, filter_folder = ssfilter.SSFilter, ssfilter.filter_folder
     params = make_params(SSFilter, {
         "mode": mode, "kappa1": kappa1, "kappa2": kappa2, "batch_size": batch_size,
         "backbone": backbone, "weights": weights, "image_size": image_size, "border": border,

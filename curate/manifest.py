@@ -137,7 +137,11 @@ def manifest_row(stored: dict[str, Any]) -> dict[str, Any]:
     """A row as the Parquet table stores it (JSON columns as text) -> the row as a dict."""
     row = dict(stored)
     for name in JSON_COLUMNS:
-        row[name] = json.loads(stored[name])
+        try:
+            row[name] = json.loads(stored[name])
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"sample {stored.get('source')}:{stored.get('path')}: column "
+                                f"{name} does not hold JSON ({exc})") from exc
     return row
 
 
@@ -260,7 +264,12 @@ class Manifest:
         meta = table.schema.metadata or {}
         if HEADER_KEY not in meta:
             raise ManifestError(f"{path}: Parquet file has no curate header")
-        header = json.loads(meta[HEADER_KEY])
+        try:
+            header = json.loads(meta[HEADER_KEY])
+        except ValueError as exc:
+            raise ManifestError(f"{path}: the curate header is not JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise ManifestError(f"{path}: the curate header is not a JSON object")
         if header.get("format") != FORMAT:
             raise ManifestError(f"{path}: manifest format {header.get('format')!r}, "
                                 f"expected {FORMAT!r}")

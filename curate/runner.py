@@ -24,13 +24,16 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +52,7 @@ from curate.canonical import content_hash
 from curate.errors import CurateError, UnsafePathError
 from curate.files import source_file_path
 from curate.imageio import BadImage
+from curate.lock import WorkspaceLock
 from curate.manifest import COLUMNS, KEPT, Manifest, drop, manifest_row, note
 from curate.optional import require
 from curate.store import Store
@@ -105,6 +109,11 @@ def _error_update(exc: BaseException, path: str) -> Update:
     return {"drop": [(code, f"{path}: {detail}")]}
 
 
+#: A write the disk refused (full, over quota, over the file-size limit) is no fault of the
+#: sample being processed: it stops the stage instead of dropping every sample after it.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def _run_chunk(fn: Callable[[dict, SampleEnv], Update], rows: list[dict],
                env: SampleEnv) -> list[Update]:
     out = []
@@ -112,6 +121,8 @@ def _run_chunk(fn: Callable[[dict, SampleEnv], Update], rows: list[dict],
         try:
             out.append(fn(row, env) or {})
         except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the stage
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                raise
             out.append(_error_update(exc, row.get("path", "?")))
     return out
 
@@ -173,6 +184,37 @@ def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, A
     return row
 
 
+# --------------------------------------------------------------------------- pool workers
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Initializer of every pool worker: the worker dies with the command that started it.
+
+    Workers wait on a pipe that their siblings keep open, so after a ``kill -9`` of the
+    command they would wait forever, holding memory (and the workspace lock's open file).
+    On Linux the kernel sends them SIGKILL when their parent dies (PR_SET_PDEATHSIG; the pool
+    forks them from the thread that submits work, which lives as long as the command);
+    elsewhere a watchdog thread exits when the parent changes.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
+                     name="curate-parent-watchdog").start()
+
+
+def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
 # --------------------------------------------------------------------------- context
 EXECUTORS = ("local", "process", "ray")
 #: How many times the process executor replaces a pool whose worker died, per map.
@@ -216,6 +258,7 @@ class Context:
         self.progress = self.console.is_terminal if progress is None else progress
         self._pool: Executor | None = None
         self._ray_started = False
+        self._lock: WorkspaceLock | None = None
         if executor == "ray":
             _import_ray()  # fail now, with a clear message, rather than mid-build
 
@@ -224,8 +267,19 @@ class Context:
         if self._pool is None:
             method = "fork" if sys.platform.startswith("linux") else "spawn"
             self._pool = ProcessPoolExecutor(self.jobs,
-                                             mp_context=multiprocessing.get_context(method))
+                                             mp_context=multiprocessing.get_context(method),
+                                             initializer=_die_with_parent,
+                                             initargs=(os.getpid(),))
         return self._pool
+
+    def lock_workspace(self, command: str) -> None:
+        """Take the workspace's writer lock and hold it until :meth:`close`, so that no other
+        command writes the workspace in between (a second writer waits; see curate.lock).
+        ``command`` is what the waiting writers are told is holding them up."""
+        lock = self.workspace.lock(command, on_wait=lambda message: self.console.print(
+            message, markup=False, highlight=False))
+        lock.acquire()
+        self._lock = lock
 
     def _ray(self):
         """The ray module, connected: joins the runtime already started in this process, else
@@ -238,14 +292,20 @@ class Context:
         return ray
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-        if self._ray_started:
-            import ray
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+            if self._ray_started:
+                import ray
 
-            ray.shutdown()
-            self._ray_started = False
+                ray.shutdown()
+                self._ray_started = False
+        finally:
+            # Last: the workers are gone, and everything the command wrote is in place.
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> Context:
         return self
@@ -590,9 +650,7 @@ def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context, *
     elapsed = time.perf_counter() - start
     if save:
         ws.save(manifest, elapsed_s=elapsed, jobs=ctx.jobs, executor=ctx.executor,
-                from_cache=from_cache)
-        if key and not from_cache:
-            ws.cache_store(key, manifest.id)
+                from_cache=from_cache, cache_key=None if from_cache else key)
     dropped, flagged = _notes_by(stage.name, manifest)
     return StageResult(stage.name, manifest, from_cache, elapsed, dropped, flagged)
 

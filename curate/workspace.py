@@ -3,11 +3,15 @@
     W/
       workspace.json          marks the folder as a curate workspace (format version)
       HEAD                    id of the manifest the last command produced
+      lock                    held by the command writing the workspace (see curate.lock)
       manifests/<id>.parquet  immutable manifests (content only, byte-identical between runs)
       manifests/<id>.run.json run record: when, how long, on which executor with how many
                               jobs, source folders
       store/ab/<sha256>.png   content-addressed artifacts (see curate.store)
       cache/<key>             stage cache: (input ids, stage, version, params, seed) -> output id
+
+HEAD moves last: a manifest, its run record and its cache entry are written first, so a save
+that fails half way (a full disk) leaves HEAD where it was and removes what it had written.
 """
 
 from __future__ import annotations
@@ -15,21 +19,25 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import __version__
 from curate.canonical import sha256_hex
 from curate.errors import CurateError, ManifestError
 from curate.files import atomic_write_text, source_file_path
+from curate.lock import WorkspaceLock
 from curate.manifest import HEADER_KEY, Manifest
 from curate.store import Store
 
 WORKSPACE_FORMAT = "curate-workspace/1"
+LOCK_FILE = "lock"
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class ManifestInfo:
     kept: int
     dropped: int
     created_at: str
+    #: Why the manifest could not be read (a truncated file), None when it could.
+    problem: str | None = None
 
 
 class Workspace:
@@ -68,16 +78,23 @@ class Workspace:
         elif not create:
             raise CurateError(f"{root} is not a curate workspace (no workspace.json); "
                               "create one with any command that writes, e.g. `curate ingest`")
-        elif root.exists() and any(root.iterdir()):
+        elif root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
+            # (A lock file alone: another command is creating this workspace right now.)
             raise CurateError(f"{root} exists and is not empty, and is not a curate workspace: "
                               "choose another --workspace")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            _create_marker(marker)
         ws = cls(root)
-        if not marker.is_file():
+        if create:
             for d in (ws.manifests_dir, ws.cache_dir, ws.store.root):
                 d.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, json.dumps({"format": WORKSPACE_FORMAT,
-                                                  "id": uuid.uuid4().hex}) + "\n")
         return ws
+
+    def lock(self, command: str, on_wait: Callable[[str], None] | None = None
+             ) -> WorkspaceLock:
+        """The writer lock of this workspace (not taken yet): see :mod:`curate.lock`."""
+        return WorkspaceLock(self.root / LOCK_FILE, command, on_wait=on_wait)
 
     @property
     def id(self) -> str:
@@ -94,31 +111,57 @@ class Workspace:
         return self.manifests_dir / f"{manifest_id}.run.json"
 
     def save(self, manifest: Manifest, *, elapsed_s: float = 0.0, jobs: int = 1,
-             executor: str = "local", from_cache: bool = False) -> None:
-        """Write ``manifest`` (if new) and its run record, and make it HEAD."""
-        path = self.manifest_path(manifest.id)
-        if not path.exists():
-            manifest.write(path)
-        record_path = self.record_path(manifest.id)
-        now = datetime.now(UTC).isoformat(timespec="microseconds")
-        record = self._record(manifest.id) or {"id": manifest.id, "created_at": now}
-        record.update({
-            "stage": manifest.stage,
-            "curate_version": __version__,
-            "roots": manifest.roots,
-            "last_produced_at": now,
-        })
-        if not from_cache:
-            record.update({"elapsed_s": round(elapsed_s, 3), "jobs": jobs,
-                           "executor": executor})
-        atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
-        self.set_head(manifest.id)
+             executor: str = "local", from_cache: bool = False,
+             cache_key: str | None = None) -> None:
+        """Write ``manifest`` (if new), its run record and the cache entry ``cache_key`` (if
+        given), then make it HEAD. If a write fails (OSError: a full disk), the files this
+        call created are removed again and HEAD stays where it was."""
+        created: list[Path] = []
+
+        def write_new(path: Path, write: Callable[[Path], None]) -> None:
+            existed = path.exists()
+            write(path)
+            if not existed:
+                created.append(path)
+
+        try:
+            path = self.manifest_path(manifest.id)
+            if not path.exists():
+                write_new(path, manifest.write)
+            now = datetime.now(UTC).isoformat(timespec="microseconds")
+            record = self._record(manifest.id) or {"id": manifest.id, "created_at": now}
+            record.update({
+                "stage": manifest.stage,
+                "curate_version": __version__,
+                "roots": manifest.roots,
+                "last_produced_at": now,
+            })
+            if not from_cache:
+                record.update({"elapsed_s": round(elapsed_s, 3), "jobs": jobs,
+                               "executor": executor})
+            text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+            write_new(self.record_path(manifest.id), lambda p: atomic_write_text(p, text))
+            if cache_key is not None:
+                write_new(self.cache_dir / cache_key,
+                          lambda p: atomic_write_text(p, manifest.id + "\n"))
+            self.set_head(manifest.id)
+        except OSError:
+            for path in reversed(created):
+                path.unlink(missing_ok=True)
+            raise
 
     def _record(self, manifest_id: str) -> dict[str, Any] | None:
+        path = self.record_path(manifest_id)
         try:
-            return json.loads(self.record_path(manifest_id).read_text("utf-8"))
+            record = json.loads(path.read_text("utf-8"))
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{path}: unreadable run record ({exc})") from exc
+        if not isinstance(record, dict):
+            raise ManifestError(f"{path}: a run record is a JSON object, found "
+                                f"{type(record).__name__}")
+        return record
 
     def set_head(self, manifest_id: str) -> None:
         atomic_write_text(self.root / "HEAD", manifest_id + "\n")
@@ -158,20 +201,37 @@ class Workspace:
         return manifest
 
     def info(self, manifest_id: str) -> ManifestInfo:
-        # Only the schema's metadata is read, not the rows: listing stays fast for big manifests.
-        meta = pq.read_schema(self.manifest_path(manifest_id)).metadata or {}
-        header = json.loads(meta.get(HEADER_KEY, b"{}"))
-        counts = header.get("counts", {})
-        record = self._record(manifest_id) or {}
-        return ManifestInfo(
-            id=manifest_id, stage=header.get("stage", {}).get("name", "?"),
-            parents=header.get("parents", []), samples=counts.get("samples", 0),
-            kept=counts.get("kept", 0), dropped=counts.get("dropped", 0),
-            created_at=record.get("created_at", "?"),
-        )
+        """What ``curate manifest list`` shows of one manifest. A damaged manifest or run
+        record is not an exception here: its ``problem`` says what is wrong with it."""
+        path = self.manifest_path(manifest_id)
+        record: dict[str, Any] = {}
+        try:
+            record = self._record(manifest_id) or {}
+            # Only the schema's metadata is read, not the rows: listing stays fast for big
+            # manifests.
+            try:
+                meta = pq.read_schema(path).metadata or {}
+            except (OSError, pa.ArrowException) as exc:
+                raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
+            try:
+                header = json.loads(meta[HEADER_KEY])
+                counts = header["counts"]
+                return ManifestInfo(
+                    id=manifest_id, stage=header["stage"]["name"],
+                    parents=list(header["parents"]), samples=counts["samples"],
+                    kept=counts["kept"], dropped=counts["dropped"],
+                    created_at=str(record.get("created_at", "?")),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ManifestError(f"{path}: Parquet file without a readable curate header "
+                                    f"({type(exc).__name__}: {exc})") from exc
+        except ManifestError as exc:
+            return ManifestInfo(id=manifest_id, stage="?", parents=[], samples=0, kept=0,
+                                dropped=0, created_at=str(record.get("created_at", "?")),
+                                problem=str(exc))
 
     def list(self) -> list[ManifestInfo]:
-        """All manifests, oldest first."""
+        """All manifests, oldest first (unreadable ones too, with their ``problem``)."""
         return sorted((self.info(i) for i in self.ids()), key=lambda m: (m.created_at, m.id))
 
     # ------------------------------------------------------------------ stage cache
@@ -183,9 +243,6 @@ class Workspace:
             return None
         return manifest_id if self.manifest_path(manifest_id).exists() else None
 
-    def cache_store(self, key: str, manifest_id: str) -> None:
-        atomic_write_text(self.cache_dir / key, manifest_id + "\n")
-
     # ------------------------------------------------------------------ sources
     def source_file(self, manifest: Manifest, source: str, rel: str) -> Path:
         """Absolute path of file ``rel`` of source ``source`` (rejects paths escaping the root)."""
@@ -194,3 +251,17 @@ class Workspace:
             raise CurateError(f"manifest {manifest.id} does not know where source {source!r} "
                               "lives: ingest it again in this workspace")
         return source_file_path(root, rel, what=f"path in source {source!r}")
+
+
+def _create_marker(marker: Path) -> None:
+    """Write the workspace marker unless it exists: of two commands creating one workspace at
+    once, the first marker (and its id) stands; the file appears whole or not at all."""
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"format": WORKSPACE_FORMAT, "id": uuid.uuid4().hex}) + "\n",
+                       "utf-8")
+        os.link(tmp, marker)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
