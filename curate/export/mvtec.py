@@ -220,7 +220,7 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
         (folder / parent).mkdir(parents=True, exist_ok=True)
     env = ctx.env("export", ExportParams(out=str(folder), images=images), manifest.roots)
     results = ctx.map(export_sample, jobs, env, "export mvtec")
-    _raise_failures(jobs, results)
+    _raise_failures(results)
     report = _report(manifest, jobs, results, images)
     _check_tree(folder, report)
     try:
@@ -230,13 +230,11 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
     return report
 
 
-def _raise_failures(jobs: list[dict], results: list[dict]) -> None:
+def _raise_failures(results: list[dict]) -> None:
     """Stop the export at the first sample (in export order) that failed: an I/O or integrity
-    failure, or an exception the runner caught (recorded as a drop)."""
-    failures = [res["failed"] if "failed" in res else
-                f"cannot export {job['path']}: " + "; ".join(d for _, d in res["drop"])
-                for job, res in zip(jobs, results, strict=True)
-                if "failed" in res or "drop" in res]
+    failure, or an exception the runner caught (recorded as a drop naming the sample)."""
+    failures = [res["failed"] if "failed" in res else "; ".join(d for _, d in res["drop"])
+                for res in results if "failed" in res or "drop" in res]
     if failures:
         more = f" ({len(failures) - 1} more samples failed)" if len(failures) > 1 else ""
         raise CurateError(f"{failures[0]}{more}; nothing was exported")

@@ -27,11 +27,13 @@ from curate.errors import CurateError
 
 TMP = "curate-tmp"  # a tree being written
 OLD = "curate-old"  # an earlier export being replaced
-_HOST = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname()) or "host"
+HOST = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname()) or "host"
 
 
-def _aside(out: Path, kind: str, pid: int) -> Path:
-    return out.parent / f".{out.name}.{kind}-{_HOST}-{pid}"
+def aside(out: Path, kind: str, pid: int) -> Path:
+    """The temporary folder of kind ``TMP`` or ``OLD`` that process ``pid`` of this host
+    keeps beside ``out``."""
+    return out.parent / f".{out.name}.{kind}-{HOST}-{pid}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -47,7 +49,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_orphans(out: Path) -> None:
     """Remove the temporary folders of dead exports to ``out`` on this host (put a replaced
     export back at ``out`` first if the run died before the new tree took its place)."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.({TMP}|{OLD})-{re.escape(_HOST)}-(\d+)$")
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.({TMP}|{OLD})-{re.escape(HOST)}-(\d+)$")
     try:
         entries = sorted(os.listdir(out.parent))
     except FileNotFoundError:
@@ -87,7 +89,7 @@ def staged(out: str | os.PathLike, *, marker: str, overwrite: bool) -> Iterator[
     folder is removed; an ``OSError`` becomes a :class:`CurateError` naming the file, and
     messages name files by their place in ``out``."""
     out = Path(out).absolute()
-    tmp = _aside(out, TMP, os.getpid())
+    tmp = aside(out, TMP, os.getpid())
     try:
         remove_orphans(out)
         check_destination(out, marker, overwrite)
@@ -117,7 +119,7 @@ def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = _aside(out, OLD, os.getpid())
+    old = aside(out, OLD, os.getpid())
     os.replace(out, old)
     try:
         os.replace(tmp, out)

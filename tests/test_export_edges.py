@@ -1,0 +1,336 @@
+"""Hostile inputs at the export (issue 16): names that collide once cleaned, a full disk, a
+killed export, originals changed after ingest. An export is exact and all or nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import ingest, labels, tree_digest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import curate.export.mvtec as mvtec
+import curate.export.report as export_report
+from curate.build import BuildResult, export_all
+from curate.cli import cli
+from curate.errors import CurateError
+from curate.export import staging
+from curate.export.mvtec import MARKER, MAX_NAME, export_mvtec, unique_names
+from curate.imageio import decode
+from curate.recipe import load_recipe
+
+CATEGORY = "Magnetic-tile-defect"
+
+
+def mtd_copy(mtd_root: Path, root: Path, names: dict[str, list[str]]) -> Path:
+    """An MTD-shaped tree of copies of real MTD images (and their masks) under new names:
+    ``{"MT_Crack": ["a b", "a_b"]}`` copies the first two Crack images as ``a b.jpg``/``.png``
+    and ``a_b.jpg``/``.png``."""
+    for folder, stems in names.items():
+        real = sorted((mtd_root / folder / "Imgs").glob("*.jpg"))
+        assert len(real) >= len(stems), folder
+        (root / folder / "Imgs").mkdir(parents=True)
+        for stem, jpg in zip(stems, real, strict=False):
+            for src in (jpg, jpg.with_suffix(".png")):
+                (root / folder / "Imgs" / f"{stem}{src.suffix}").write_bytes(src.read_bytes())
+    return root
+
+
+FREE = {"MT_Free": ["free0", "free1"]}
+
+
+@pytest.fixture
+def labelled(ctx, mtd_root, tmp_path):
+    """Six real MTD samples, ingested and labelled: the root and the manifest."""
+    root = mtd_copy(mtd_root, tmp_path / "mtd", {"MT_Crack": ["c0", "c1", "c2", "c3"], **FREE})
+    return root, labels(ctx, ingest(ctx, "mtd", root))
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary folders beside ``out`` (a failed or killed export must leave none)."""
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.curate-*"))
+
+
+def assert_exported_exactly(out: Path, manifest, root: Path, store) -> None:
+    """Every kept sample is one exported image with its own pixels and its own mask; the tree
+    holds nothing else."""
+    report = json.loads((out / MARKER).read_text())
+    rows = {r["sample_id"]: r for r in manifest.rows() if r["status"] == "kept"}
+    assert report["skipped"] == []
+    assert sorted(e["sample_id"] for e in report["files"]) == sorted(rows)
+    for entry in report["files"]:
+        exported = decode((out / entry["file"]).read_bytes())
+        assert np.array_equal(exported, decode((root / entry["path"]).read_bytes())), entry
+        if entry["mask"] is not None:
+            mask = rows[entry["sample_id"]]["artifacts"]["mask"]
+            assert (out / entry["mask"]).read_bytes() == store.read_bytes(mask), entry
+    written = {e[k] for e in report["files"] for k in ("file", "mask") if e[k]}
+    assert set(tree_digest(out)) == written | {MARKER}
+
+
+# ------------------------------------------------------------------ item 1: unique names
+def test_names_that_clean_alike_are_all_exported(ctx, mtd_root, tmp_path):
+    """`a b` and `a_b`, `ä` and `ö`, `A` and `a` each used to overwrite each other."""
+    root = mtd_copy(mtd_root, tmp_path / "mtd",
+                    {"MT_Crack": ["a b", "a_b", "ä", "ö", "Crack", "crack"], **FREE})
+    manifest = labels(ctx, ingest(ctx, "mtd", root))
+    out = tmp_path / "out"
+    report = export_mvtec(manifest, out, ctx)
+    assert report["counts"] == {CATEGORY: {"test": {"Crack": 6, "good": 2}}}
+    crack = sorted(p.name for p in (out / CATEGORY / "test" / "Crack").iterdir())
+    assert crack == ["Crack.png", "a_b.png", "a_b_2.png", "crack_2.png", "x.png", "x_2.png"]
+    assert len(list((out / CATEGORY / "ground_truth" / "Crack").iterdir())) == 6
+    names = {e["path"]: PurePosixPath(e["file"]).stem for e in report["files"]}
+    assert names["MT_Crack/Imgs/a_b.jpg"] == "a_b"  # a name that needed no cleaning keeps it
+    assert names["MT_Crack/Imgs/a b.jpg"] == "a_b_2"
+    assert_exported_exactly(out, manifest, root, ctx.workspace.store)
+
+
+def test_same_stem_in_two_formats_exports_both(ctx, mtd_root, tmp_path):
+    """`000.png` and `000.bmp` in one folder (a COCO file lists both): both become PNGs."""
+    root = tmp_path / "casting"
+    (root / "images").mkdir(parents=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "crack"}]}
+    first, second = sorted((mtd_root / "MT_Free" / "Imgs").glob("*.jpg"))[:2]
+    for i, (src, name) in enumerate(((first, "000.png"), (second, "000.bmp"))):
+        pixels = decode(src.read_bytes())
+        ok, data = cv2.imencode(Path(name).suffix, pixels)
+        assert ok
+        (root / "images" / name).write_bytes(data.tobytes())
+        coco["images"].append({"id": i + 1, "file_name": f"images/{name}",
+                               "height": pixels.shape[0], "width": pixels.shape[1]})
+    (root / "coco.json").write_text(json.dumps(coco))
+    manifest = labels(ctx, ingest(ctx, "casting", root))
+    out = tmp_path / "out"
+    report = export_mvtec(manifest, out, ctx)
+    assert report["counts"] == {"Casting": {"test": {"good": 2}}}
+    assert sorted(p.name for p in (out / "Casting" / "test" / "good").iterdir()) == \
+        ["000.png", "000_2.png"]
+    assert_exported_exactly(out, manifest, root, ctx.workspace.store)
+
+
+def test_labels_that_share_a_folder_are_refused(ctx, mtd_root, tmp_path):
+    root = mtd_copy(mtd_root, tmp_path / "mtd", {"MT_Crack": ["c0", "c1"], **FREE})
+    (root / "MT_crack" / "Imgs").mkdir(parents=True)
+    for name in ("c1.jpg", "c1.png"):
+        (root / "MT_Crack" / "Imgs" / name).rename(root / "MT_crack" / "Imgs" / name)
+    manifest = labels(ctx, ingest(ctx, "mtd", root))
+    out = tmp_path / "out"
+    with pytest.raises(CurateError, match="labels 'Crack' and 'crack' of category .* both "
+                                          "be exported to the folder"):
+        export_mvtec(manifest, out, ctx)
+    assert not out.exists() and leftovers(out) == []
+
+
+_SEGMENT = st.text(alphabet="aA _ä.-0", min_size=1, max_size=6).filter(
+    lambda s: s not in (".", ".."))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["s", "t"]),
+                          st.lists(_SEGMENT, min_size=1, max_size=3),
+                          st.sampled_from([".png", ".bmp", ".jpg"])),
+                max_size=12),
+       st.integers(min_value=0, max_value=3))
+def test_names_are_clean_and_unique_ignoring_case(samples, long):
+    rows = [{"source": source, "path": "/".join(parts) + ext}
+            for source, parts, ext in samples]
+    rows[:1] = [{**r, "path": "y" * (100 * long) + r["path"]} for r in rows[:1]]
+    rows = list({(r["source"], r["path"]): r for r in rows}.values())
+    names = unique_names(rows)
+    assert len({n.casefold() for n in names}) == len(rows)
+    for name in names:
+        assert mvtec._UNSAFE.search(name) is None and not name.startswith(".")
+        assert 0 < len(name) <= MAX_NAME + 8
+
+
+def test_traceable_names_are_kept():
+    rows = [{"source": "s", "path": p} for p in
+            ["kos01/Part0.jpg", "kos02/Part0.jpg", "kos02/Part1.jpg", "a b/x#1.png"]]
+    assert unique_names(rows) == ["kos01_Part0", "kos02_Part0", "Part1", "x_1"]
+    twins = [{"source": "one", "path": "x.png"}, {"source": "two", "path": "x.png"}]
+    assert unique_names(twins) == ["one_x", "two_x"]
+    # A longer tail only where it tells names apart; a suffix never takes another's name.
+    rows = [{"source": "s", "path": p} for p in ["d/x.png", "e/x.png", "d_x.png", "f/x y.png",
+                                                 "f/x_y.png", "f/x_y_2.png"]]
+    assert unique_names(rows) == ["d_x", "e_x", "d_x_2", "x_y_3", "x_y", "x_y_2"]
+
+
+# ------------------------------------------------------------------ item 3: all or nothing
+def _full_disk_after(calls: int):
+    real = mvtec.atomic_write_bytes
+    count = [0]
+
+    def write(path, data):
+        count[0] += 1
+        if count[0] > calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{path}.1234.tmp")
+        real(path, data)
+
+    return write
+
+
+def test_a_full_disk_fails_the_export_and_leaves_out_as_it_was(ctx, labelled, tmp_path,
+                                                               monkeypatch):
+    root, manifest = labelled
+    out = tmp_path / "out"
+    monkeypatch.setattr(mvtec, "atomic_write_bytes", _full_disk_after(3))
+    with pytest.raises(CurateError) as failed:
+        export_mvtec(manifest, out, ctx)
+    message = str(failed.value)
+    assert message.startswith(f"cannot write {out}/{CATEGORY}/")
+    assert "No space left on device" in message and "nothing was exported" in message
+    assert ".curate-tmp" not in message
+    assert not out.exists() and leftovers(out) == []
+
+    monkeypatch.undo()
+    export_mvtec(manifest, out, ctx)
+    before = tree_digest(out)
+    monkeypatch.setattr(mvtec, "atomic_write_bytes", _full_disk_after(0))
+    with pytest.raises(CurateError, match="No space left on device"):
+        export_mvtec(manifest, out, ctx, overwrite=True)
+    assert tree_digest(out) == before and leftovers(out) == []
+
+
+def test_the_cli_on_a_file_size_limit_exits_1_with_one_sentence(ctx, labelled, tmp_path):
+    """A real write failure (EFBIG under RLIMIT_FSIZE), in a real process: exit 1, one line,
+    the earlier export untouched, no temporary folder left."""
+    root, manifest = labelled
+    out = tmp_path / "out"
+    export_mvtec(manifest, out, ctx)
+    before = tree_digest(out)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of dying
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))  # masks fit, images not
+
+    done = subprocess.run(
+        [sys.executable, "-m", "curate.cli", "export", "mvtec", manifest.id, "--out", str(out),
+         "--overwrite", "-w", str(ctx.workspace.root), "-j", "1"],
+        capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: cannot write {out}/{CATEGORY}/")
+    assert "File too large" in lines[0]
+    assert tree_digest(out) == before and leftovers(out) == []
+
+
+#: The CLI with one sample's export held until the process is killed: a deterministic
+#: "middle of an export" for kill -9 (a real process, the real export code around it).
+_HELD_EXPORT = """
+import os, sys, time
+import curate.export.mvtec as mvtec
+from curate.cli import main
+real = mvtec.export_sample
+def held(job, env):
+    if job["path"] == os.environ["HOLD_AT"]:
+        open(os.environ["HELD"], "w").close()
+        time.sleep(600)
+    return real(job, env)
+mvtec.export_sample = held
+main()
+"""
+
+
+def test_a_killed_export_leaves_no_temporary_folder_behind(ctx, labelled, tmp_path):
+    """kill -9 in the middle of an export, then export again."""
+    root, manifest = labelled
+    out, held = tmp_path / "out", tmp_path / "held"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD_EXPORT, "export", "mvtec", manifest.id, "--out", str(out),
+         "-w", str(ctx.workspace.root), "-j", "1"],
+        env={**os.environ, "HOLD_AT": "MT_Free/Imgs/free1.jpg", "HELD": str(held)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert held.exists(), f"the export did not reach the held sample: {proc.stderr.read()}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    tmp = staging.aside(out, staging.TMP, proc.pid)
+    assert leftovers(out) == [tmp.name] and not out.exists()  # what kill -9 leaves
+    assert list(tmp.rglob("*.png")), "the killed export had written images"
+
+    export_mvtec(manifest, out, ctx)
+    assert leftovers(out) == []
+    assert_exported_exactly(out, manifest, root, ctx.workspace.store)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_orphans_are_removed_and_a_replaced_export_is_put_back(tmp_path):
+    out = tmp_path / "out"
+    dead, alive = _dead_pid(), os.getppid()
+    for kind, pid in ((staging.TMP, dead), (staging.TMP, alive), (staging.OLD, dead)):
+        folder = staging.aside(out, kind, pid)
+        folder.mkdir()
+        (folder / MARKER).write_text(kind)
+    staging.remove_orphans(out)
+    # Killed between the two renames of a replacement: the earlier export comes back.
+    assert (out / MARKER).read_text() == staging.OLD
+    assert leftovers(out) == [staging.aside(out, staging.TMP, alive).name]  # still running
+
+
+def test_build_exports_are_all_or_nothing(ctx, labelled, tmp_path, monkeypatch):
+    """`curate build` writes the tree, the sample lists and the card as one export."""
+    root, manifest = labelled
+    result = BuildResult("hss-iad", [SimpleNamespace(manifest=manifest)], {}, {})
+    recipe = load_recipe("hss-iad")
+    out = tmp_path / "out"
+    exports = export_all(result, recipe, ctx, out, card=False)
+    assert exports["realnet"][0].startswith(str(out / "realnet"))
+    before = tree_digest(out)
+    assert any(rel.startswith("realiad/") for rel in before)
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{path}.1234.tmp")
+
+    monkeypatch.setattr(export_report, "atomic_write_text", full)
+    with pytest.raises(CurateError, match=rf"cannot write {out}/realnet/\S+\.json: No space"):
+        export_all(result, recipe, ctx, out, card=False)
+    assert tree_digest(out) == before and leftovers(out) == []
+
+
+# ------------------------------------------------------------------ item 5: originals checked
+def test_an_original_changed_since_ingest_fails_the_export(ctx, labelled, tmp_path, mtd_root):
+    root, manifest = labelled
+    out = tmp_path / "out"
+    export_mvtec(manifest, out, ctx)
+    before = tree_digest(out)
+    changed = root / "MT_Crack" / "Imgs" / "c1.jpg"
+    expected = next(r["sha256"] for r in manifest.rows() if r["path"] == "MT_Crack/Imgs/c1.jpg")
+    changed.write_bytes((root / "MT_Crack" / "Imgs" / "c2.jpg").read_bytes())
+    result = CliRunner().invoke(cli, ["export", "mvtec", manifest.id, "--out", str(out),
+                                      "--overwrite", "-w", str(ctx.workspace.root), "-j", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {changed} changed since ingest (sha256 "
+        f"{mvtec.sha256_bytes(changed.read_bytes())}, expected {expected}): ingest it again; "
+        "nothing was exported"]
+    assert tree_digest(out) == before and leftovers(out) == []
+
+    changed.unlink()
+    with pytest.raises(CurateError, match=rf"{changed} is missing \(ingested with sha256 "
+                                          rf"{expected}\): ingest it again"):
+        export_mvtec(manifest, tmp_path / "other", ctx)
+    assert not (tmp_path / "other").exists() and leftovers(tmp_path / "other") == []
