@@ -9,11 +9,17 @@ is the slow part: on MTD, OpenCV's PNG writer takes about 6x as long as decoding
 :func:`encode_png` writes the same standard PNG with the "up" filter and ISA-L's deflate
 (level 1), which is about 4x faster than OpenCV here at a similar size. Any PNG reader decodes
 the result; tests check that it round-trips exactly through OpenCV and Pillow.
+
+Hostile files are refused with :class:`BadImage` before they cost anything: an empty file, a
+header declaring more than :data:`MAX_PIXELS` pixels (a few kilobytes of PNG can declare
+100000 x 100000: a "decompression bomb"), and a JPEG whose scan stops short even when an
+end-of-image marker was appended to it (see :func:`jpeg_cut_short`).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -32,6 +38,13 @@ _CHANNELS = {"1": 1, "L": 1, "P": 3, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
+#: The most pixels (width x height) curate decodes: 2^27, e.g. 11585 x 11585 (about 400 MB as
+#: 8-bit RGB, far beyond any inspection camera's frame). A header declaring more is refused
+#: before decoding. Pillow refuses on its own only above 2 x ``Image.MAX_IMAGE_PIXELS``
+#: (about 1.8e8) and merely warns below that; OpenCV's limit is 2^30.
+MAX_PIXELS = 2 ** 27
+
+
 class BadImage(ValueError):
     """The bytes are not a complete image in a format curate reads."""
 
@@ -48,12 +61,16 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def probe(data: bytes) -> ImageInfo:
-    """Format, size and channel count of an encoded image, without decoding its pixels.
+def _too_large(pixels: int, size: str = "") -> BadImage:
+    return BadImage(f"image too large: its header declares {size}{pixels} pixels, more than "
+                    f"the {MAX_PIXELS} curate decodes (refused before decoding)")
 
-    Raises :class:`BadImage` for a file that is not a JPEG/PNG/BMP/TIFF image or that is
-    truncated (a JPEG without its end-of-image marker, a PNG whose chunks fail their CRC or
-    lack IEND, a BMP shorter than its header says).
+
+def _header(data: bytes) -> tuple[Image.Image, str]:
+    """Pillow's image of ``data`` with only its header read, and curate's name of its format.
+
+    Raises :class:`BadImage` for an empty file, a format curate does not read, and a header
+    declaring more than :data:`MAX_PIXELS` pixels; nothing is decoded.
     """
     if not data:
         raise BadImage("empty file")
@@ -61,9 +78,33 @@ def probe(data: bytes) -> ImageInfo:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd but readable headers
             im = Image.open(io.BytesIO(data))
-            fmt = _FORMATS.get(im.format or "")
-            if fmt is None:
-                raise BadImage(f"unsupported image format {im.format!r}")
+    except Image.DecompressionBombError as exc:
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(int(declared.group(1)) if declared else 2 * Image.MAX_IMAGE_PIXELS
+                         ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
+        raise BadImage(f"not a readable image ({exc})") from exc
+    fmt = _FORMATS.get(im.format or "")
+    if fmt is None:
+        raise BadImage(f"unsupported image format {im.format!r}")
+    width, height = im.size
+    if width * height > MAX_PIXELS:
+        raise _too_large(width * height, f"{width}x{height} = ")
+    return im, fmt
+
+
+def probe(data: bytes) -> ImageInfo:
+    """Format, size and channel count of an encoded image, without decoding its pixels.
+
+    Raises :class:`BadImage` for a file that is not a JPEG/PNG/BMP/TIFF image, that declares
+    more than :data:`MAX_PIXELS` pixels, or that is truncated (a JPEG without its end-of-image
+    marker or whose scan stops short, a PNG whose chunks fail their CRC or lack IEND, a BMP
+    shorter than its header says).
+    """
+    im, fmt = _header(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             width, height = im.size
             channels = _CHANNELS.get(im.mode)
             if channels is None:
@@ -81,6 +122,8 @@ def probe(data: bytes) -> ImageInfo:
         raise BadImage(f"image has no pixels ({width}x{height})")
     if fmt == "jpeg" and not _jpeg_complete(data):
         raise BadImage("truncated JPEG: no end-of-image marker")
+    if fmt == "jpeg" and jpeg_cut_short(data):
+        raise BadImage(JPEG_CUT_SHORT)
     if fmt == "bmp" and len(data) < _bmp_declared_size(data):
         raise BadImage(f"truncated BMP: {len(data)} bytes, header declares "
                        f"{_bmp_declared_size(data)}")
@@ -90,7 +133,48 @@ def probe(data: bytes) -> ImageInfo:
 def _jpeg_complete(data: bytes) -> bool:
     # Entropy-coded JPEG data never contains FF D9 (0xFF is always stuffed), so the marker near
     # the end means the scan was complete. Some writers pad after it, hence a window, not a suffix.
-    return data.rfind(b"\xff\xd9", max(0, len(data) - 1024)) >= 0
+    return _jpeg_end(data) >= 0
+
+
+def _jpeg_end(data: bytes) -> int:
+    """Offset of the end-of-image marker near the end of ``data``, or -1."""
+    return data.rfind(b"\xff\xd9", max(0, len(data) - 1024))
+
+
+JPEG_CUT_SHORT = ("truncated JPEG: its data ends before the last rows (an end-of-image marker "
+                  "follows a cut scan)")
+#: Entropy-coded filler for :func:`jpeg_cut_short`: every byte but 0xFF (which would start a
+#: marker), so that it decodes as a varied run of Huffman codes.
+_FILLER = bytes(range(255)) * 4
+#: What libjpeg decodes where the data ran out: all-zero coefficients, i.e. mid-grey.
+_MID_GREY = 128
+
+
+def _dc_image(data: bytes) -> np.ndarray | None:
+    """The JPEG at 1/8 scale, grey: one pixel per 8 x 8 block, from its DC coefficient alone
+    (libjpeg skips the inverse DCT, so this costs mostly the Huffman decoding)."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+
+
+def jpeg_cut_short(data: bytes) -> bool:
+    """Whether a JPEG's entropy-coded scan stops before its last blocks.
+
+    A copy cut short and closed with an end-of-image marker (``FF D9``) passes the marker
+    check, and libjpeg decodes it with a mere warning, filling the missing blocks with zero
+    coefficients: flat mid-grey (128) down to the bottom-right block. So: if the last block is
+    exactly 128, decode again with filler bytes inserted before the marker. A complete scan
+    ends before the filler (libjpeg skips it as junk before the marker) and the pixels do not
+    change; a cut one reads the filler as more blocks and the pixels do. A progressive JPEG
+    cut between two scans is a complete, coarser image and is not detected.
+    """
+    end = _jpeg_end(data)
+    if end < 0:
+        return False
+    blocks = _dc_image(data)
+    if blocks is None or int(blocks[-1, -1]) != _MID_GREY:
+        return False
+    padded = _dc_image(data[:end] + _FILLER + data[end:])
+    return padded is None or not np.array_equal(blocks, padded)
 
 
 def _bmp_declared_size(data: bytes) -> int:
@@ -99,16 +183,31 @@ def _bmp_declared_size(data: bytes) -> int:
     return struct.unpack("<I", data[2:6])[0]
 
 
+def _imdecode(data: bytes, flag: int) -> np.ndarray:
+    """OpenCV's decoding, after the header checks of :func:`_header`, with every failure as
+    :class:`BadImage` (OpenCV raises its assertion text for empty or oversized data)."""
+    _, fmt = _header(data)
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as exc:
+        raise BadImage(f"OpenCV could not decode the image ({str(exc).strip()})") from None
+    if arr is None:
+        raise BadImage("OpenCV could not decode the image")
+    # Mid-grey in the last pixel is the sign of a cut scan (see jpeg_cut_short): only then is
+    # the JPEG decoded again to tell.
+    if fmt == "jpeg" and (arr[-1, -1] == _MID_GREY).all() and jpeg_cut_short(data):
+        raise BadImage(JPEG_CUT_SHORT)
+    return arr
+
+
 def decode(data: bytes, *, grayscale: bool = False) -> np.ndarray:
     """Decode to uint8 pixels: H x W (grey) or H x W x 3/4 in RGB(A) order.
 
     OpenCV decodes (fastest here); its BGR order is turned into RGB so arrays match what
-    Pillow, torchvision and every PNG file mean by the channels.
+    Pillow, torchvision and every PNG file mean by the channels. Raises :class:`BadImage` for
+    what :func:`_header` refuses and for data OpenCV cannot decode.
     """
-    flag = cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_UNCHANGED
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if arr is None:
-        raise BadImage("OpenCV could not decode the image")
+    arr = _imdecode(data, cv2.IMREAD_GRAYSCALE if grayscale else cv2.IMREAD_UNCHANGED)
     if arr.dtype != np.uint8:
         # 16-bit inputs: keep the 8 most significant bits, like most viewers show them.
         arr = (arr >> 8).astype(np.uint8) if arr.dtype == np.uint16 else arr.astype(np.uint8)
@@ -120,6 +219,39 @@ def decode(data: bytes, *, grayscale: bool = False) -> np.ndarray:
         elif arr.shape[2] == 4:
             arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
     return arr
+
+
+def mask_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of a mask file from its header, without decoding (:class:`BadImage` as
+    :func:`_header`)."""
+    im, _ = _header(data)
+    return im.size[1], im.size[0]
+
+
+def decode_mask_values(data: bytes) -> tuple[np.ndarray, str]:
+    """A mask file's stored values, unconverted, and its kind: ``"palette"`` (H x W palette
+    indices), else OpenCV's reading at full depth: H x W, or H x W x 3 / 4 in BGR(A) order
+    (grey + alpha arrives as BGRA), uint8 or uint16 (kind ``"16-bit"``), kind ``""``.
+
+    :func:`decode` keeps only the top 8 bits of 16-bit data and expands palettes to colours,
+    which turns a 16-bit {0, 1} mask or a palette of label indices into something else;
+    masks keep their values (see ``curate.masks.read_mask`` for how they are read).
+    """
+    im, _ = _header(data)
+    if im.mode in ("P", "PA"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                indices = np.asarray(im.getchannel(0) if im.mode == "PA" else im)
+        except (OSError, ValueError, SyntaxError, struct.error) as exc:
+            raise BadImage(f"not a readable image ({exc})") from exc
+        return np.ascontiguousarray(indices, np.uint8), "palette"
+    arr = _imdecode(data, cv2.IMREAD_UNCHANGED)
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise BadImage(f"{arr.dtype} samples; expected 8- or 16-bit integer values")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return arr, "16-bit" if arr.dtype == np.uint16 else ""
 
 
 def decode_file(path) -> np.ndarray:
@@ -163,17 +295,33 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     ])
 
 
-def binarize(mask: np.ndarray, threshold: int | str = "auto") -> tuple[np.ndarray, int]:
-    """Binary mask (bool, H x W) from a possibly anti-aliased 8-bit mask, and the threshold used.
+def mask_levels(values: np.ndarray) -> np.ndarray:
+    """The distinct non-zero values of a 2-d uint8 or uint16 mask, ascending."""
+    counts = np.bincount(values.ravel(), minlength=2)
+    return np.flatnonzero(counts[1:]) + 1
 
-    A pixel is foreground when its value is greater than the threshold. ``"auto"`` takes 127,
-    except for masks whose maximum is 1 (0/1 masks, as some sources store them), where it takes 0.
+
+def binarize(mask: np.ndarray, threshold: int | str = "auto") -> tuple[np.ndarray, int]:
+    """Binary mask (bool, H x W) from an 8- or 16-bit mask, and the threshold used.
+
+    A pixel is foreground when its value is greater than the threshold, given on the 8-bit
+    scale: a 16-bit value v counts as level v / 257. ``"auto"`` takes
+
+    - 0 (every non-zero value is foreground) when the mask holds a single non-zero value
+      ({0, 1}, {0, 255}, {0, 65535}: binary masks however stored) or none above half its full
+      scale (label ids 1, 2, 3 ...: half-scale would leave nothing);
+    - 127 otherwise: an anti-aliased mask, cut at half its full scale.
+
     Colour masks are reduced to their maximum over channels.
     """
     if mask.ndim == 3:
         mask = mask.max(axis=2)
+    if mask.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"masks are 8- or 16-bit integers, got {mask.dtype}")
+    scale = 257 if mask.dtype == np.uint16 else 1
     if threshold == "auto":
-        threshold = 0 if int(mask.max(initial=0)) <= 1 else 127
+        levels = mask_levels(mask)
+        threshold = 0 if len(levels) <= 1 or levels[-1] <= 127 * scale else 127
     if not isinstance(threshold, int) or not 0 <= threshold < 255:
         raise ValueError(f"mask threshold must be 'auto' or an integer in 0..254, got {threshold!r}")
-    return mask > threshold, threshold
+    return mask > threshold * scale, threshold

@@ -5,11 +5,17 @@ boxes (VOC / YOLO / COCO, already in pixel coordinates in the row) and polygons 
 with the pixel-centre rule of ``curate.masks``. The union goes to the store as artifact
 ``mask``; where a sample has several defect classes, each class also gets ``mask:<class>``.
 
+Mask files are read by the rule of ``curate.masks`` (8- or 16-bit, palette, grey + alpha,
+colour; binary, label-id or anti-aliased values); a mask file that is anything but a plain
+8-bit grey mask is flagged ``unusual_mask`` with what was unusual.
+
 Measured per sample (``measures``): ``labels.mask_fraction`` (defect pixels / all pixels) and,
 for mask files, ``labels.threshold`` and ``labels.grey_pixels`` (pixels neither 0 nor full
-value: > 0 means the mask was anti-aliased). A mask whose size differs from its image's, a
-malformed RLE, an RLE running past the image, and a box or polygon outside the image each drop
-the sample with their own reason code.
+value: > 0 means the mask was anti-aliased). An unreadable mask file (empty, not an image,
+declaring more than ``curate.imageio.MAX_PIXELS`` pixels), a mask whose size differs from its
+image's (checked from its header, before decoding), a malformed RLE, an RLE running past the
+image, and a box or polygon outside the image each drop the sample with their own reason code,
+whose detail names the file.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from curate.imageio import BadImage, binarize, decode
 from curate.manifest import Manifest
 from curate.masks import (
     AnnotationError,
@@ -27,6 +32,7 @@ from curate.masks import (
     check_box_inside,
     check_polygon_inside,
     polygon_mask,
+    read_mask,
     rle_decode,
 )
 from curate.runner import Context, SampleEnv, Stage, Update, map_samples
@@ -35,7 +41,8 @@ from curate.sources.base import GOOD
 
 @dataclass(frozen=True)
 class LabelsParams:
-    #: "auto" (127, or 0 for 0/1 masks) or an integer: foreground is value > threshold.
+    #: "auto" (see ``curate.imageio.binarize``: 0 for binary and label-id masks, 127 for
+    #: anti-aliased ones) or an integer on the 8-bit scale: foreground is value > threshold.
     threshold: str | int = "auto"
     #: Pixels a box or polygon may overshoot the image before it counts as outside.
     tolerance: float = 1.0
@@ -53,21 +60,15 @@ def _mask_from_file(row: dict[str, Any], env: SampleEnv, height: int, width: int
                     update: Update) -> np.ndarray | None:
     rel = row["annotation"]["mask"]
     try:
-        raw = decode(env.read_source(row, rel))
-    except BadImage as exc:
-        update["drop"] = [("unreadable_mask", f"{rel}: {exc}; expected an 8-bit mask image")]
+        read = read_mask(env.read_source(row, rel), env.params.threshold, (height, width))
+    except AnnotationError as exc:
+        update["drop"] = [(exc.code, f"mask {rel} {exc}")]
         return None
-    if raw.shape[:2] != (height, width):
-        update["drop"] = [("mask_size_mismatch",
-                           f"mask {rel} is {raw.shape[1]}x{raw.shape[0]} but image "
-                           f"{row['path']} is {width}x{height}")]
-        return None
-    mask, threshold = binarize(raw, env.params.threshold)
-    grey = raw.max(axis=2) if raw.ndim == 3 else raw
-    full = 1 if int(grey.max(initial=0)) <= 1 else 255
-    update["measures"]["labels.threshold"] = threshold
-    update["measures"]["labels.grey_pixels"] = int(np.count_nonzero((grey > 0) & (grey < full)))
-    return mask
+    update["measures"]["labels.threshold"] = read.threshold
+    update["measures"]["labels.grey_pixels"] = read.grey_pixels
+    if read.unusual:
+        update["flags"] = [("unusual_mask", f"mask {rel}: {'; '.join(read.unusual)}")]
+    return read.mask
 
 
 def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
@@ -116,7 +117,7 @@ def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
 
 class Labels(Stage):
     name = "labels"
-    version = "1"
+    version = "2"  # 2: mask files read at full depth, by palette index, label ids as defect
     Params = LabelsParams
 
     def run(self, inputs: list[Manifest], params: LabelsParams, ctx: Context) -> Manifest:
