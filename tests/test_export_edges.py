@@ -30,6 +30,7 @@ from curate.errors import CurateError
 from curate.export import staging
 from curate.export.mvtec import MARKER, MAX_NAME, export_mvtec, unique_names
 from curate.imageio import decode
+from curate.manifest import Manifest
 from curate.recipe import load_recipe
 
 CATEGORY = "Magnetic-tile-defect"
@@ -131,6 +132,38 @@ def test_labels_that_share_a_folder_are_refused(ctx, mtd_root, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(CurateError, match="labels 'Crack' and 'crack' of category .* both "
                                           "be exported to the folder"):
+        export_mvtec(manifest, out, ctx)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_the_tree_is_checked_against_the_report_before_it_is_moved(ctx, labelled, tmp_path,
+                                                                 monkeypatch):
+    """A file the report does not list, or a listed file missing, fails the export."""
+    root, manifest = labelled
+    out = tmp_path / "out"
+    real = mvtec.export_sample
+
+    def astray(job, env):
+        written = real(job, env)
+        if job["path"].endswith("c2.jpg"):
+            (Path(env.params.out) / f"{job['export_image']}.bak").write_bytes(b"stray")
+        return written
+
+    monkeypatch.setattr(mvtec, "export_sample", astray)
+    with pytest.raises(CurateError, match=rf"{out}/{CATEGORY}/test/Crack/c2.png.bak was written "
+                                          f"but is not listed in {MARKER}"):
+        export_mvtec(manifest, out, ctx)
+    assert not out.exists() and leftovers(out) == []
+
+    def lost(job, env):
+        written = real(job, env)
+        if job["path"].endswith("c2.jpg"):
+            (Path(env.params.out) / job["export_mask"]).unlink()
+        return written
+
+    monkeypatch.setattr(mvtec, "export_sample", lost)
+    with pytest.raises(CurateError, match=rf"{out}/{CATEGORY}/ground_truth/Crack/c2_mask.png is "
+                                          f"listed in {MARKER} but was not written"):
         export_mvtec(manifest, out, ctx)
     assert not out.exists() and leftovers(out) == []
 
@@ -309,6 +342,21 @@ def test_build_exports_are_all_or_nothing(ctx, labelled, tmp_path, monkeypatch):
     with pytest.raises(CurateError, match=rf"cannot write {out}/realnet/\S+\.json: No space"):
         export_all(result, recipe, ctx, out, card=False)
     assert tree_digest(out) == before and leftovers(out) == []
+
+
+def test_a_defective_sample_without_a_mask_is_still_only_skipped(ctx, labelled, tmp_path):
+    """The one legitimate skip: listed in the report, the rest exported, no failure."""
+    root, manifest = labelled
+    rows = manifest.row_list()
+    maskless = next(r for r in rows if r["path"] == "MT_Crack/Imgs/c1.jpg")
+    del maskless["artifacts"]["mask"]
+    edited = Manifest.build(rows, stage="edit", stage_version="1", roots=manifest.roots)
+    report = export_mvtec(edited, tmp_path / "out", ctx)
+    assert report["skipped"] == [{"sample_id": maskless["sample_id"], "path": maskless["path"],
+                                  "why": f"{maskless['path']}: labelled 'Crack' but has no "
+                                         "mask"}]
+    assert report["counts"] == {CATEGORY: {"test": {"Crack": 3, "good": 2}}}
+    assert leftovers(tmp_path / "out") == []
 
 
 # ------------------------------------------------------------------ item 5: originals checked
