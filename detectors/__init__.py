@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from .errors import DetectorConfigError
+
 # name → "module:Class"; modules are imported on first use (torch is an optional extra).
 DETECTORS = {
     "dinomaly": "detectors.dinomaly:Dinomaly",
@@ -19,7 +21,8 @@ DETECTORS = {
 
 def detector_class(name: str):
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+        raise DetectorConfigError(
+            f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
     module, cls = DETECTORS[name].split(":")
     return getattr(import_module(module), cls)
 

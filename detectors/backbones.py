@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import DetectorConfigError
+
 __all__ = [
     "BACKBONES",
     "Backbone",
@@ -308,7 +310,7 @@ def _build_dino(name: str, weights, seed: int, pos_antialias: bool, pos_offset: 
     if weights == "random":
         return DinoV2Encoder(model, pos_antialias=pos_antialias, pos_offset=pos_offset), None
     if size.hub_file is None:
-        raise ValueError(f"backbone {name!r} is a test-only size: use weights='random'")
+        raise DetectorConfigError(f"backbone {name!r} is a test-only size: use weights='random'")
     path = _resolve(name, weights, (size.hub_file,), size.hf_repo)
     state = _read_state_dict(path)
     if "blocks.0.attn.qkv.weight" in state:
@@ -318,7 +320,8 @@ def _build_dino(name: str, weights, seed: int, pos_antialias: bool, pos_offset: 
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path}: not a {name} checkpoint ({str(error).splitlines()[0]})") from None
+        raise DetectorConfigError(
+            f"{path}: not a {name} checkpoint ({str(error).splitlines()[0]})") from None
     return DinoV2Encoder(model, pos_antialias=pos_antialias, pos_offset=pos_offset), path
 
 
@@ -375,13 +378,15 @@ def _build_wrn(name: str, weights, seed: int, layers: tuple[str, ...]):
     if weights == "random":
         return WideResNetFeatures(model, layers), None
     if name == "wide_resnet_tiny":
-        raise ValueError("backbone 'wide_resnet_tiny' is a test-only size: use weights='random'")
+        raise DetectorConfigError(
+            "backbone 'wide_resnet_tiny' is a test-only size: use weights='random'")
     path = _resolve(name, weights, _WRN_FILES, None)
     state = _read_state_dict(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path}: not a {name} checkpoint ({str(error).splitlines()[0]})") from None
+        raise DetectorConfigError(
+            f"{path}: not a {name} checkpoint ({str(error).splitlines()[0]})") from None
     return WideResNetFeatures(model, layers), path
 
 
@@ -411,7 +416,8 @@ def build_backbone(name: str, weights=None, *, seed: int = 0, pos_antialias: boo
     elif name in ("wide_resnet50_2", "wide_resnet_tiny"):
         module, path = _build_wrn(name, weights, seed, tuple(layers))
     else:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise DetectorConfigError(
+            f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     if path is None:
         return Backbone(name, module, "random", f"random:{seed}")
     file = path / "model.safetensors" if path.is_dir() else path

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, build_backbone
 from .data import read_image
+from .errors import DetectorConfigError
 
 FORMAT = "curate-detector/1"
 ImageLike = str | Path | np.ndarray
@@ -116,6 +117,28 @@ class _Inputs(torch.utils.data.Dataset):
         return self.geometry.to_input(_as_array(self.images[index])), index
 
 
+def _check_option_type(detector: str, key: str, value: Any, default: Any) -> None:
+    """An option given by the user has its default's JSON type (an integer also does for a
+    number), so that ``--option crop=abc`` is named here, not found deep in the model."""
+    if default is None:
+        return
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    elif isinstance(default, list | tuple):
+        ok, expected = isinstance(value, list | tuple), "a list"
+    else:
+        return
+    if not ok:
+        raise DetectorConfigError(f"{detector}: option {key} must be {expected} (like its "
+                                  f"default {json.dumps(default)}), not {value!r}")
+
+
 class Detector(ABC):
     """Base class of the bundled detectors; subclasses fill in the model."""
 
@@ -128,12 +151,14 @@ class Detector(ABC):
                  device: str | torch.device | None = None, **options):
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise TypeError(f"{self.name}: unknown option(s) {', '.join(unknown)}; "
-                            f"known: {', '.join(sorted(self.defaults))}")
+            raise DetectorConfigError(f"{self.name}: unknown option(s) {', '.join(unknown)}; "
+                                      f"known: {', '.join(sorted(self.defaults))}")
+        for key, value in options.items():
+            _check_option_type(self.name, key, value, self.defaults[key])
         self.options = {**self.defaults, **options}
         backbone = backbone or self.default_backbone
         if backbone not in self.backbones:
-            raise ValueError(f"{self.name} runs on {', '.join(self.backbones)}, not {backbone!r}")
+            raise DetectorConfigError(f"{self.name} runs on {', '.join(self.backbones)}, not {backbone!r}")
         self.seed = int(seed)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backbone: Backbone = build_backbone(backbone, weights, seed=self.seed,
@@ -290,10 +315,12 @@ class Detector(ABC):
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         if "curate.detector" not in meta:
-            raise ValueError(f"{path}: not a curate detector file (no 'curate.detector' header)")
+            raise DetectorConfigError(
+                f"{path}: not a curate detector file (no 'curate.detector' header)")
         header = json.loads(meta["curate.detector"])
         if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: detector format {header.get('format')!r}, expected {FORMAT}")
+            raise DetectorConfigError(
+                f"{path}: detector format {header.get('format')!r}, expected {FORMAT}")
         return header
 
     @classmethod

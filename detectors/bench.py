@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import CategorySplit, read_mvtec
+from .data import CategorySplit, DatasetError, read_mvtec
+from .errors import DetectorConfigError
 
 PROTOCOLS = ("multi-class", "class-separated")
 # Keys of `metrics.evaluate`, in the column order of the tables, and their column titles.
@@ -168,7 +169,7 @@ def evaluate_category(detector, split: CategorySplit, *, eval_size: int, batch_s
                       progress: bool) -> dict[str, float]:
     """Predict a category's test set and score it with the metric suite."""
     if not split.test:
-        raise ValueError(f"category {split.name}: no test images")
+        raise DatasetError(f"category {split.name}: no test images")
     maps, masks = [], []
     scores = []
     for start in range(0, len(split.test), batch_size * 4):
@@ -223,8 +224,13 @@ def train_and_evaluate(job: TrainJob) -> dict[str, Any]:
     results = {name: evaluate_category(model, splits[name], eval_size=job.eval_size,
                                        batch_size=job.batch_size or 8, progress=job.progress)
                for name in job.categories}
+    # What ran: the options, with the batch size and iterations given for this run in place
+    # of the defaults the model was built with (fit takes them as arguments).
+    ran = {**model.options, **{key: value for key, value in (("batch_size", job.batch_size),
+                                                             ("iterations", job.iterations))
+                               if value is not None and key in model.options}}
     return {"results": results, "loss": float(history[-1]) if history else float("nan"),
-            "model": saved, "options": model.options, "backbone": model.backbone.describe(),
+            "model": saved, "options": ran, "backbone": model.backbone.describe(),
             "iterations": model.iterations_done, "device": _device_name(model.device)}
 
 
@@ -246,12 +252,14 @@ def run_bench(export_dir: str | Path, detector: str = "dinomaly",
     one after the other, curate's executors spread them over a Ray cluster's GPUs.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+        raise DetectorConfigError(
+            f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     started = time.perf_counter()
     splits = read_mvtec(export_dir, categories)
     empty = [name for name, split in splits.items() if not split.train]
     if empty:
-        raise ValueError(f"{export_dir}: no training images (train/good) for {', '.join(empty)}")
+        raise DatasetError(f"{export_dir}: no training images (train/good) for "
+                           f"{', '.join(empty)}")
     order = _ordered(splits)
     groups = ([("multi-class", tuple(order))] if protocol == "multi-class"
               else [(name, (name,)) for name in order])

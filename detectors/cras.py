@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Detector, Geometry, ImageLike
+from .errors import DetectorConfigError
 
 DEFAULT_CLASS = "all"
 
@@ -98,7 +99,7 @@ class PatchFeatures(nn.Module):
         from scipy import sparse
 
         if patch_size % 2 != 1:
-            raise ValueError(f"patch_size must be odd, not {patch_size}")
+            raise DetectorConfigError(f"patch_size must be odd, not {patch_size}")
         self.patch_size = patch_size
         taps = patch_size * patch_size
         combine = adaptive_pool_matrix(len(channels) * embed_dim, out_dim)
@@ -300,7 +301,8 @@ class CRAS(Detector):
     def build(self) -> None:
         o = self.options
         if o["image_score"] not in ("map", "patch"):
-            raise ValueError(f"cras: image_score must be 'map' or 'patch', not {o['image_score']!r}")
+            raise DetectorConfigError(
+                f"cras: image_score must be 'map' or 'patch', not {o['image_score']!r}")
         dim = int(o["embed_dim"])
         self.grid = _feature_grid(int(o["crop"]))
         # The backbone is frozen: its BatchNorms are folded into the convolutions (same function)

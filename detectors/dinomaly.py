@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from .backbones import hub_to_transformers
 from .base import Detector, Geometry, ImageLike
+from .errors import DetectorConfigError
 from .optim import StableAdamW
 
 __all__ = ["Dinomaly", "LinearAttention", "hard_mining_cosine_loss", "load_official_dinomaly",
@@ -252,8 +253,9 @@ class Dinomaly(Detector):
         encoder = self.backbone.module
         patch = encoder.patch_size
         if int(self.options["crop_size"]) % patch:
-            raise ValueError(f"dinomaly: crop_size {self.options['crop_size']} is not a multiple "
-                             f"of the patch size {patch}")
+            raise DetectorConfigError(
+                f"dinomaly: crop_size {self.options['crop_size']} is not a multiple "
+                f"of the patch size {patch}")
         dim = encoder.embed_dim
         heads = encoder.model.config.num_attention_heads
         self.bottleneck = NoisyBottleneck(dim, float(self.options["dropout"]))

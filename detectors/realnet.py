@@ -61,6 +61,7 @@ from torch.nn import functional as F
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, file_sha256
 from .base import Detector, Geometry, ImageLike, _as_array
 from .cras import fuse_batchnorm
+from .errors import DetectorConfigError
 from .synthesis import anomaly_mask, list_bank, procedural_texture
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -239,11 +240,12 @@ class RRS(nn.Module):
         super().__init__()
         for mode in modes:
             if mode not in ("max", "mean"):
-                raise ValueError(f"realnet: RRS modes are 'max' and 'mean', not {mode!r}")
+                raise DetectorConfigError(f"realnet: RRS modes are 'max' and 'mean', not {mode!r}")
         if len(modes) != len(numbers) or not modes:
-            raise ValueError("realnet: rrs_modes and rrs_numbers must have one entry each")
+            raise DetectorConfigError("realnet: rrs_modes and rrs_numbers must have one entry each")
         if sum(numbers) > channels:
-            raise ValueError(f"realnet: RRS keeps {sum(numbers)} residuals of only {channels}")
+            raise DetectorConfigError(
+                f"realnet: RRS keeps {sum(numbers)} residuals of only {channels}")
         self.modes, self.numbers = tuple(modes), tuple(int(n) for n in numbers)
         total = sum(self.numbers)
         self.bn_idx = nn.BatchNorm2d(channels, momentum=0.9, affine=False)
@@ -291,7 +293,7 @@ class FeatureSelection(nn.Module):
         self.layers = tuple(layers)
         for layer, c, m in zip(layers, channels, kept, strict=True):
             if not 0 < m <= c:
-                raise ValueError(f"realnet: AFS keeps {m} of the {c} channels of {layer}")
+                raise DetectorConfigError(f"realnet: AFS keeps {m} of the {c} channels of {layer}")
             self.register_buffer(layer, torch.arange(int(m)))
         self.register_buffer("selected", torch.tensor(False))
         self.all_channels = [m == c for c, m in zip(channels, kept, strict=True)]
@@ -467,24 +469,24 @@ class RealNet(Detector):
     def backbone_options(self) -> dict[str, Any]:
         layers = tuple(self.options["layers"])
         if not layers or any(layer not in LAYERS for layer in layers):
-            raise ValueError(f"realnet: layers must be taken from {LAYERS}, not {layers}")
+            raise DetectorConfigError(f"realnet: layers must be taken from {LAYERS}, not {layers}")
         return {"layers": layers}
 
     def build(self) -> None:
         o = self.options
         if o["image_score"] not in ("avgpool", "max"):
-            raise ValueError(f"realnet: image_score must be 'avgpool' or 'max', "
+            raise DetectorConfigError(f"realnet: image_score must be 'avgpool' or 'max', "
                              f"not {o['image_score']!r}")
         layers = tuple(o["layers"])
         kept = [int(m) for m in o["afs_channels"]]
         if len(kept) != len(layers):
-            raise ValueError(f"realnet: {len(layers)} layers but {len(kept)} afs_channels")
+            raise DetectorConfigError(f"realnet: {len(layers)} layers but {len(kept)} afs_channels")
         size = int(o["image_size"])
         levels = len(o["channel_mult"])
         for layer in layers:
             side = feature_grid(size, layer)
             if side % 2 ** (levels - 1):
-                raise ValueError(
+                raise DetectorConfigError(
                     f"realnet: {layer}'s {side}×{side} grid at image_size {size} does not halve "
                     f"{levels - 1} times (channel_mult has {levels} levels); use an image size "
                     f"that is a multiple of {STRIDES[layer] * 2 ** (levels - 1)}")
