@@ -40,9 +40,10 @@ _VALUE_TAG = re.compile(r"^(relabel|move|category):(.+)$")
 SIMPLE_TAGS = ("drop", "keep", "mask-bad")
 
 
-def reviewer_tags(tags: list[str]) -> list[str]:
-    """The tags of one sample that belong to the reviewers' vocabulary (sorted)."""
-    return sorted(t for t in tags if not CURATE_TAGS.match(t))
+def reviewer_tags(tags: list[str] | None) -> list[str]:
+    """The tags of one sample that belong to the reviewers' vocabulary (sorted). FiftyOne
+    reads a sample whose tags were unset in the database back as None: no tags."""
+    return sorted(t for t in tags or [] if not CURATE_TAGS.match(t))
 
 
 def check_decisions(decisions: dict[str, list[str]], rows: dict[str, dict[str, Any]],

