@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
+from curate.errors import CurateError, UsageError
 from curate.manifest import Manifest
 from curate.recipe import Recipe
 from curate.runner import Context, StageResult, run_stage
@@ -43,6 +43,13 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
     if unknown:
         raise CurateError(f"--source names {', '.join(unknown)}, which recipe {recipe.name} "
                           f"does not use (it uses {', '.join(s.kind for s in recipe.sources)})")
+    if sources_dir is None and not explicit:
+        raise UsageError(f"recipe {recipe.name} needs its sources: give --sources DIR (the folder "
+                         f"of downloads) or --source KIND=PATH (kinds: "
+                         f"{', '.join(s.kind for s in recipe.sources)})")
+    if sources_dir is not None and not Path(sources_dir).is_dir():
+        raise CurateError(f"{sources_dir}: no such folder (--sources: the folder holding the "
+                          f"downloaded sources)")
     found, missing = discover(sources_dir,
                               [s.kind for s in recipe.sources],
                               {s.kind: s.folder_names for s in recipe.sources if s.folder_names},
@@ -52,9 +59,9 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
         raise CurateError(f"recipe {recipe.name} requires {', '.join(required)}: "
                           f"{missing[required[0]]}")
     if not found:
-        where = sources_dir if sources_dir else "(no --sources folder given)"
-        raise CurateError(f"none of the sources of recipe {recipe.name} was found in {where}: "
-                          + "; ".join(f"{k}: {why}" for k, why in missing.items()))
+        raise CurateError(f"none of the sources of recipe {recipe.name} was found in "
+                          f"{sources_dir}: " + "; ".join(f"{k}: {why}" for k, why in
+                                                         missing.items()))
 
     results: list[StageResult] = []
     for source in recipe.sources:

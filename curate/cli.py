@@ -3,28 +3,36 @@
 Every command takes ``--workspace`` (default ``$CURATE_WORKSPACE`` or ``./curate-workspace``),
 ``--seed``, ``--jobs``, ``--executor`` / ``--ray-address`` and ``--json`` (machine-readable output
 on stdout). Exit status: 0 done,
-1 failed (one sentence on stderr saying what and where), 2 bad usage.
+1 failed (one sentence on stderr saying what and where), 2 bad usage. The one exit policy is
+:class:`CurateGroup`'s: a CurateError or an OSError of the environment (full disk, no
+permission, ...) is one sentence; anything else is a bug and shows its traceback, as every
+failure does with ``curate --debug`` (or ``CURATE_DEBUG=1``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import json
 import os
 import shlex
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
+from click.core import ParameterSource
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from curate import __version__
 from curate.errors import CurateError, UsageError
+from curate.failure import environment_failure
 from curate.manifest import Manifest, diff
 from curate.optional import require
 from curate.runner import (
@@ -43,7 +51,7 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 class Failure(click.ClickException):
-    """A CurateError on its way out: printed as one line, exit status 1."""
+    """A failure the user can act on, on its way out: printed as one line, exit status 1."""
 
     exit_code = 1
 
@@ -52,9 +60,9 @@ class Failure(click.ClickException):
 
 
 def common_options(fn: Callable) -> Callable:
-    """--workspace --seed --jobs --executor --ray-address --ray-data --json on every command, and
-    CurateError -> exit 1. The executor options are kept on the click context for
-    :func:`_context` (every command that runs stages builds its Context there)."""
+    """--workspace --seed --jobs --executor --ray-address --ray-data --json on every command.
+    The executor options are kept on the click context for :func:`_context` (every command
+    that runs stages builds its Context there)."""
 
     @click.option("--workspace", "-w", type=click.Path(file_okay=False, path_type=Path),
                   default=lambda: os.environ.get("CURATE_WORKSPACE", "curate-workspace"),
@@ -80,12 +88,7 @@ def common_options(fn: Callable) -> Callable:
         meta = click.get_current_context().meta
         meta["curate.executor"], meta["curate.ray_address"] = executor, ray_address
         meta["curate.ray_data"] = ray_data
-        try:
-            return fn(*args, **kwargs)
-        except UsageError as exc:
-            raise click.UsageError(str(exc)) from exc
-        except CurateError as exc:
-            raise Failure(str(exc)) from exc
+        return fn(*args, **kwargs)
 
     return wrapper
 
@@ -134,6 +137,13 @@ def _show_results(results: list[StageResult], as_json: bool, dry_run: bool = Fal
     stdout.print(table)
 
 
+def _given(option: str) -> bool:
+    """Whether the user gave ``option`` (on the command line or in its environment variable)
+    rather than leaving it at its default."""
+    source = click.get_current_context().get_parameter_source(option)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     options = {}
     for pair in pairs:
@@ -144,10 +154,42 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+# ------------------------------------------------------------------------------- exit policy
+class CurateGroup(click.Group):
+    """The top-level group, which every command's failure passes through: the one place that
+    decides how it is shown (see :mod:`curate.failure`). A CurateError or an OSError of the
+    environment becomes one sentence, exit 1 (a UsageError: exit 2, like click's own usage
+    errors); anything else is a bug and keeps its traceback. With ``--debug`` every failure
+    shows its traceback first."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (CurateError, OSError) as exc:
+            if isinstance(exc, CurateError):
+                shown: click.ClickException = (click.UsageError(str(exc))
+                                               if isinstance(exc, UsageError)
+                                               else Failure(str(exc)))
+            elif (sentence := environment_failure(exc)) is not None:
+                shown = Failure(sentence)
+            else:
+                raise  # an OSError curate caused: a bug, shown with its traceback
+            if ctx.params.get("debug"):
+                click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
+            raise shown from exc
+        except click.ClickException as exc:
+            if ctx.params.get("debug") and exc.__cause__ is not None:
+                click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
+            raise
+
+
 # ------------------------------------------------------------------------------- commands
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CurateGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="curate")
-def cli() -> None:
+@click.option("--debug", is_flag=True, envvar="CURATE_DEBUG",
+              help="Show the traceback of every failure, not only of bugs (or set "
+                   "CURATE_DEBUG=1).")
+def cli(debug: bool) -> None:
     """Build, curate and benchmark industrial anomaly-detection datasets.
 
     \b
@@ -247,23 +289,43 @@ def merge(manifests, workspace, seed, jobs, as_json):
     _show_results([result], as_json)
 
 
+class StageDefault(click.Option):
+    """An option whose default is the same-named field of a stage's Params dataclass
+    (``params="module:Class"``): the value is stated once, in the stage, and read only when
+    needed, since stage modules are slow to import."""
+
+    def __init__(self, *args: Any, params: str, **kwargs: Any):
+        super().__init__(*args, show_default=True, **kwargs)
+        self.params = params
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        module, name = self.params.split(":")
+        (field,) = (f for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+                    if f.name == self.name)
+        return field.default
+
+
+_DEDUP = "curate.stages.dedup:DedupParams"
+
+
 @cli.command()
 @click.argument("manifest", required=False)
-@click.option("--method", type=click.Choice(["phash", "dhash", "whash"]), default="phash",
-              show_default=True, help="Perceptual hash.")
-@click.option("--radius", type=click.IntRange(0, 32), default=10, show_default=True,
+@click.option("--method", type=click.Choice(["phash", "dhash", "whash"]), cls=StageDefault,
+              params=_DEDUP, help="Perceptual hash.")
+@click.option("--radius", type=click.IntRange(0, 32), cls=StageDefault, params=_DEDUP,
               help="Largest Hamming distance (of 64 bits) between near duplicates.")
-@click.option("--transforms", type=click.Choice(["none", "flips", "dihedral"]), default="none",
-              show_default=True, help="Also match flipped (flips) or flipped and rotated "
-                                      "(dihedral) copies.")
-@click.option("--group-radius", type=click.IntRange(0, 32), default=None,
-              help="Distance that puts images in one split group  [default: --radius]")
+@click.option("--transforms", type=click.Choice(["none", "flips", "dihedral"]),
+              cls=StageDefault, params=_DEDUP, help="Also match flipped (flips) or flipped and "
+                                                    "rotated (dihedral) copies.")
+@click.option("--group-radius", type=click.IntRange(0, 32), cls=StageDefault, params=_DEDUP,
+              help="Distance that puts images in one split group (when not given: at least "
+                   "--radius).")
 @click.option("--across-labels", is_flag=True,
               help="Let samples with different labels be duplicates of each other.")
 @click.option("--keep-near", is_flag=True,
               help="Only cluster and group near duplicates; drop exact duplicates alone.")
-@click.option("--decode", type=click.Choice(["full", "reduced"]), default="full",
-              show_default=True,
+@click.option("--decode", type=click.Choice(["full", "reduced"]), cls=StageDefault,
+              params=_DEDUP,
               help="full: hash exactly what imagehash hashes; reduced: decode JPEGs at 1/2-1/8 "
                    "scale (faster, hashes a few bits off imagehash's).")
 @click.option("--dry-run", is_flag=True, help="Report what would be dropped; write nothing.")
@@ -282,9 +344,11 @@ def dedup(manifest, method, radius, transforms, group_radius, across_labels, kee
     """
     from curate.stages.dedup import Dedup, cluster_summary
 
+    if not _given("group_radius"):  # groups never split near duplicates
+        group_radius = max(radius, group_radius)
     params = make_params(Dedup, {
         "method": method, "radius": radius, "transforms": transforms,
-        "group_radius": radius if group_radius is None else group_radius,
+        "group_radius": group_radius,
         "across_labels": across_labels, "drop_near": not keep_near, "decode": decode})
     result = _run_one(Dedup(), manifest, params, workspace, seed, jobs, as_json, dry_run)
     if not as_json:
@@ -347,8 +411,8 @@ def _run_one(stage, manifest, params, workspace, seed, jobs, as_json, dry_run) -
 def build_cmd(recipe, sources, explicit, out, no_card, workspace, seed, jobs, as_json):
     """Build a dataset from a recipe: ingest, curate, split, export, card.
 
-    RECIPE is a built-in name (hss-iad) or a YAML file. Missing sources are reported and
-    skipped. Every stage is cached: rerun after a crash (or a changed parameter) and only
+    RECIPE is a built-in name (hss-iad) or a YAML file; its seed is used unless --seed is
+    given. Missing sources are reported and skipped. Every stage is cached: rerun after a crash (or a changed parameter) and only
     what is not done yet runs.
 
     \b
@@ -360,7 +424,9 @@ def build_cmd(recipe, sources, explicit, out, no_card, workspace, seed, jobs, as
 
     r = load_recipe(recipe)
     pairs = _parse_options(explicit)
-    with _context(workspace, r.seed if seed == 0 else seed, jobs) as ctx:
+    if not _given("seed"):  # the recipe's seed, unless --seed (even --seed 0) says otherwise
+        seed = r.seed
+    with _context(workspace, seed, jobs) as ctx:
         result = build(r, ctx, sources, {k: Path(str(v)).expanduser() for k, v in pairs.items()})
         exports = export_all(result, r, ctx, out or Path(r.name), card=not no_card)
     if as_json:
@@ -670,7 +736,9 @@ DEFAULT_MTD = Path("../shared/data/mtd")
 @click.option("--mtd", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The real MTD folder [default: ../shared/data/mtd when it exists].")
 @click.option("--no-mtd", is_flag=True, help="Use only the generated MTD sample.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the generated samples (the build itself uses the recipe's seed, "
+                   "as `curate build` does).")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=default_jobs,
               show_default="number of CPUs, at most 8", help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -688,17 +756,17 @@ def demo(out, mtd, no_mtd, seed, jobs, as_json):
     Example:
       curate demo --out demo
     """
-    from curate.demo import run_demo
+    from curate.demo import RECIPE, run_demo
+    from curate.recipe import load_recipe
 
     if mtd is None and not no_mtd and (DEFAULT_MTD / "MT_Free").is_dir():
         mtd = DEFAULT_MTD
     if no_mtd:
         mtd = None
-    try:
-        with _context(out / "workspace", seed, jobs) as ctx:
-            result = run_demo(ctx, out, mtd=mtd.absolute() if mtd else None, seed=seed)
-    except CurateError as exc:
-        raise Failure(str(exc)) from exc
+    recipe = load_recipe(RECIPE)
+    with _context(out / "workspace", recipe.seed, jobs) as ctx:
+        result = run_demo(ctx, out, mtd=mtd.absolute() if mtd else None, seed=seed,
+                          recipe=recipe)
     b = result.build
     if as_json:
         _emit_json({"manifest": b.manifest.id, "sources": b.sources, "missing": b.missing,
@@ -803,6 +871,7 @@ def bench_cmd(export_dir, detector, protocol, backbone, weights, iterations, bat
         from detectors.backbones import WeightsNotFoundError
         from detectors.bench import run_bench
         from detectors.data import DatasetError
+        from detectors.errors import DetectorConfigError
     except ImportError as exc:
         raise Failure(f"curate bench needs the detectors extra ({exc}); "
                       "pip install 'curate[detectors]'") from exc
@@ -816,7 +885,8 @@ def bench_cmd(export_dir, detector, protocol, backbone, weights, iterations, bat
                 options=_parse_options(options), progress=not as_json,
                 models_dir=out.absolute() if save_models else None,
                 run_jobs=lambda fn, jobs: ctx.tasks(fn, jobs, num_gpus=gpus, desc="bench"))
-    except (DatasetError, WeightsNotFoundError, ValueError, TypeError, CurateError) as exc:
+    except (DatasetError, WeightsNotFoundError, DetectorConfigError) as exc:
+        # The user's mistakes (export, weights, options); any other error is a bug.
         raise Failure(str(exc)) from exc
     paths = result.write(out)
     if as_json:
@@ -1082,7 +1152,16 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
 
 
 def main() -> None:
-    cli(prog_name="curate")
+    """Run the command line. A failure the user can act on was already turned into one
+    sentence (:class:`CurateGroup`); what reaches here is a bug: its traceback, then a line
+    saying so, exit 1."""
+    try:
+        cli(prog_name="curate")
+    except Exception:  # noqa: BLE001 - a bug, reported as one
+        traceback.print_exc()
+        stderr.print("[bold red]error:[/] this is a bug in curate: please report it with the "
+                     "traceback above", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from curate.canonical import canonical_json, canonicalize, dumps_canonical, sha256_hex
 from curate.errors import ManifestError
+from curate.failure import writing
 from curate.schemas_io import validate_header, validate_rows
 
 FORMAT = "curate-manifest/1"
@@ -249,7 +250,8 @@ class Manifest:
         table = self.table.replace_schema_metadata(meta)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+            with writing(path):
+                pq.write_table(table, tmp, compression="zstd", write_statistics=False)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
