@@ -135,6 +135,12 @@ def test_labels_that_share_a_folder_are_refused(ctx, mtd_root, tmp_path):
         export_mvtec(manifest, out, ctx)
     assert not out.exists() and leftovers(out) == []
 
+    (root / "MT_crack").rename(root / "MT_Good")  # a defect label that would pass for normal
+    manifest = labels(ctx, ingest(ctx, "mtd", root))
+    with pytest.raises(CurateError, match="labels 'good' and 'Good' of category"):
+        export_mvtec(manifest, out, ctx)
+    assert not out.exists() and leftovers(out) == []
+
 
 def test_the_tree_is_checked_against_the_report_before_it_is_moved(ctx, labelled, tmp_path,
                                                                  monkeypatch):

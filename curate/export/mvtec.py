@@ -143,11 +143,13 @@ def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
         raise CurateError(f"manifest {manifest.id} has no masks yet: run `curate labels` on it "
                           "before exporting")
     categories: dict[str, str] = {}
+    # GOOD holds its folder from the start: a defect label that cleans to it ("Good",
+    # "good!") would otherwise be exported as normal, without its mask.
     labels: dict[str, dict[str, str]] = {}
     folders: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in sorted(kept, key=lambda r: (r["category"], r["label"] or GOOD)):
         category = _folder(row["category"], "categories", categories, "")
-        label = _folder(row["label"] or GOOD, "labels", labels.setdefault(category, {}),
+        label = _folder(row["label"] or GOOD, "labels", labels.setdefault(category, {GOOD: GOOD}),
                         f" of category {row['category']!r}")
         folders.setdefault((category, row["split"] or "test", label), []).append(row)
     jobs = []
