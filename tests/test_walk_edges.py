@@ -181,3 +181,19 @@ def test_a_workspace_inside_its_source_is_left_out(tiles):
     itself = runner.invoke(cli, ["ingest", "mtd", str(tiles), "-w", str(tiles)])
     assert itself.exit_code in (1, 2) and "Traceback" not in itself.output
     assert not (tiles / "manifests").exists()
+
+
+def test_an_unreadable_folder_among_the_sources_is_not_a_crash(tmp_path, monkeypatch):
+    from curate.sources import discover as discovering
+
+    (tmp_path / "locked").mkdir()
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setitem(discovering.LOOKS_LIKE, "kolektorsdd", unreadable)
+    found, missing = discovering.discover(tmp_path, ["kolektorsdd"], {}, {})
+    assert not found and "no folder named" in missing["kolektorsdd"]
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    with pytest.raises(CurateError, match="cannot list the folder of sources"):
+        discovering.discover(tmp_path, ["kolektorsdd"], {}, {})

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from curate.errors import CurateError
 from curate.sources.catalog import CATALOG
 
 
@@ -39,14 +40,26 @@ LOOKS_LIKE: dict[str, Callable[[Path], bool]] = {
 }
 
 
+def _looks_like(kind: str, path: Path) -> bool:
+    """``LOOKS_LIKE[kind]``, where a folder that cannot be listed looks like nothing."""
+    try:
+        return LOOKS_LIKE[kind](path)
+    except OSError:
+        return False
+
+
 def discover(folder: Path | None, kinds: list[str], folder_names: dict[str, tuple[str, ...]],
              explicit: dict[str, Path]) -> tuple[dict[str, Path], dict[str, str]]:
     """(kind -> folder found, kind -> why not found) for each of ``kinds``; ``folder`` None
     means only the explicit ones."""
     found: dict[str, Path] = {}
     missing: dict[str, str] = {}
-    children = sorted(p for p in folder.iterdir() if p.is_dir()) \
-        if folder is not None and folder.is_dir() else []
+    try:
+        children = sorted(p for p in folder.iterdir() if p.is_dir()) \
+            if folder is not None and folder.is_dir() else []
+    except OSError as exc:
+        raise CurateError(f"{folder}: cannot list the folder of sources "
+                          f"({exc.strerror or exc})") from exc
     by_name = {p.name.lower(): p for p in children}
     claimed: set[Path] = set(explicit.values())
     for kind in kinds:
@@ -61,7 +74,7 @@ def discover(folder: Path | None, kinds: list[str], folder_names: dict[str, tupl
     for kind in kinds:  # then by layout, among the folders no name claimed
         if kind in found:
             continue
-        match = next((p for p in children if p not in claimed and LOOKS_LIKE[kind](p)), None)
+        match = next((p for p in children if p not in claimed and _looks_like(kind, p)), None)
         if match is not None:
             found[kind] = match
             claimed.add(match)
