@@ -6,7 +6,8 @@ disk, a file too large, a folder without write permission) leaves ``out`` as it 
 or the earlier export untouched. A run that is killed outright (``kill -9``, power loss)
 cannot clean up after itself, so every export first removes the folders that a run no
 longer alive on this host left beside the same ``out``; the host is in the name because a
-folder on shared storage may belong to a live export on another machine.
+folder on shared storage may belong to a live export on another machine. (A dead run's pid
+taken since by another process only delays the removal to a later run.)
 
 Replacing an earlier export takes two renames (``out`` to ``.<name>.curate-old-<host>-<pid>``,
 then the new tree to ``out``). Killed between the two, ``out`` is missing and the old
