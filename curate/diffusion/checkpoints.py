@@ -207,9 +207,13 @@ def load_adm_checkpoint(path: str | Path, config=None):
     from curate.diffusion.adm import ADMUNet
 
     obj = read_pickle_checkpoint(path)
-    state = extract_state_dict(obj)
-    arch = obj.get("arch") if isinstance(obj, dict) else None
-    config = config or adm_config_for(state, arch)
+    try:
+        state = extract_state_dict(obj)
+        arch = obj.get("arch") if isinstance(obj, dict) else None
+        config = config or adm_config_for(state, arch)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}; expected an ADM (guided-diffusion) checkpoint "
+                              "such as RealNet's released SDAS weights") from None
     model = ADMUNet(config)
     load_strict(model, state, str(path))
     epoch = obj.get("epoch") if isinstance(obj, dict) else None

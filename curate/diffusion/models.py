@@ -125,6 +125,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """A model ready to sample: a ``curate sdas train`` folder or an official ADM file."""
     path = Path(path)
     if path.is_dir():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         doc = read_model_json(path)
@@ -133,7 +134,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             raise CheckpointError(f"{weights} is missing: the training run has not saved a "
                                   "checkpoint yet")
         model = build_model(doc["arch"], doc["config"], doc["image_size"])
-        load_strict(model, load_file(weights), str(weights))
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({exc}); "
+                                  "expected the EMA weights `curate sdas train` saves") from None
+        load_strict(model, state, str(weights))
         return LoadedModel(model.to(device).eval(), doc["arch"], doc["image_size"],
                            doc["config"].get("num_classes"), sha256_file(weights),
                            doc.get("schedule", dict(DEFAULT_SCHEDULE)), str(path))

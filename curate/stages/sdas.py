@@ -20,6 +20,9 @@ Rows of both live in source ``sdas`` / ``sdas_blend`` whose root is the workspac
 ``path`` is its image's store file, and its ``sample_id`` names its slot (category, index), not
 the path, because two slots could in principle produce the same pixels.
 
+Training (``curate sdas train``) reads its images with :func:`training_images`: a source file
+removed or changed since ingest stops it with one sentence naming the file.
+
 Resuming: sampling journals each finished batch (index, seed, strength, store key) under
 ``cache/sdas-<key>.jsonl``, keyed like the stage cache. A killed run started again skips the
 batches already journaled and ends with the same files and the same manifest id as an
@@ -41,7 +44,7 @@ import numpy as np
 
 from curate.canonical import canonical_float
 from curate.errors import CurateError
-from curate.files import sha256_file
+from curate.files import sha256_bytes, sha256_file
 from curate.manifest import KEPT, Manifest, new_row, sample_id_for
 from curate.optional import require
 from curate.runner import Context, SampleEnv, Stage, params_dict
@@ -76,6 +79,40 @@ def _synthetic_row(source: str, category: str, index: int, key: str, store_root:
                   split="train", label=SYNTHETIC, **fields)
     row["sample_id"] = sample_id_for(source, f"{category}/{index:06d}")
     return row
+
+
+# ----------------------------------------------------------------------------- training
+def training_images(workspace, manifest: Manifest, category: str) -> list[np.ndarray]:
+    """The kept normal training images of ``category`` in ``manifest``, decoded.
+
+    Raises one :class:`CurateError` naming the first file that was removed, changed (its
+    sha256 is not the one ingest recorded) or no longer decodes since ingest, or saying that
+    the category has no such image: training on what is left would change the model silently.
+    """
+    from curate.imageio import BadImage, decode
+
+    rows = [r for r in manifest.rows() if r["status"] == KEPT and r["label"] == "good"
+            and r["category"] == category and r["split"] in ("train", None)]
+    if not rows:
+        raise CurateError(f"manifest {manifest.id} has no kept normal training images of "
+                          f"category {category!r}")
+    again = "restore it or ingest its folder again"
+    images = []
+    for row in rows:
+        path = workspace.source_file(manifest, row["source"], row["path"])
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CurateError(f"{path} was removed since ingest (image {row['path']} of "
+                              f"manifest {manifest.id}): {again}") from None
+        if row["sha256"] and sha256_bytes(data) != row["sha256"]:
+            raise CurateError(f"{path} changed since ingest (sha256 {sha256_bytes(data)}, "
+                              f"expected {row['sha256']}): {again}")
+        try:
+            images.append(decode(data))
+        except BadImage as exc:
+            raise CurateError(f"{path}: {exc}; expected the image ingest read: {again}") from None
+    return images
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -440,8 +477,11 @@ class SdasBlend(Stage):
         rows = []
         for i, (job, res) in enumerate(zip(jobs, results, strict=True)):
             if "drop" in res:
+                removed = any(code == "missing_file" for code, _ in res["drop"])
                 raise CurateError(f"blending into {job['path']} failed: "
-                                  f"{'; '.join(d for _, d in res['drop'])}")
+                                  f"{'; '.join(d for _, d in res['drop'])}" +
+                                  ("; it was removed since ingest: restore it or ingest its "
+                                   "folder again" if removed else ""))
             measures = {"sdas_blend.index": i, "sdas_blend.delta": res["delta"],
                         "sdas_blend.mask_fraction": res["mask_fraction"],
                         "sdas_blend.scale_x": res["scale_x"], "sdas_blend.scale_y": res["scale_y"],
