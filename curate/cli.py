@@ -942,8 +942,7 @@ def sdas_train(manifest, category, out, steps, batch_size, image_size, model_pre
       curate sdas train --category Magnetic-tile-defect --out mtd-ddpm --steps 50000 -w ws
     """
     train_mod = _sdas_import("curate.diffusion.train")
-    from curate.imageio import decode_file
-    from curate.stages.sdas import ProgressBar
+    from curate.stages.sdas import ProgressBar, training_images
 
     torch = _sdas_import("torch")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -952,13 +951,7 @@ def sdas_train(manifest, category, out, steps, batch_size, image_size, model_pre
                                    save_every=save_every, seed=seed, device=device)
     with _context(workspace, seed, jobs, create=False) as ctx:
         m = ctx.workspace.load(manifest)
-        rows = [r for r in m.rows() if r["status"] == "kept" and r["label"] == "good"
-                and r["category"] == category and r["split"] in ("train", None)]
-        if not rows:
-            raise Failure(f"manifest {m.id} has no kept normal training images of category "
-                          f"{category!r}")
-        images = [decode_file(ctx.workspace.source_file(m, r["source"], r["path"]))
-                  for r in rows]
+        images = training_images(ctx.workspace, m, category)
         bar_ = ProgressBar(ctx, f"sdas train {category}", steps, loss=float("nan"))
         with bar_ as (bar, task):
             result = train_mod.train(
