@@ -73,12 +73,16 @@ class WorkspaceLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             self._wait_for(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             # Who holds it, for the message of the next writer (the lock itself is the flock).
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n{self.command}\n".encode(), 0)
-        except BaseException:
-            os.close(fd)  # closing the file also releases a lock taken just now
-            raise
+        except OSError:
+            pass  # a full disk: the lock holds all the same, the next writer waits for
+            # "another process"; the command itself will say what failed
         self._fd = fd
         WorkspaceLock._held.add(self.path)
 

@@ -52,7 +52,7 @@ def fiftyone_module():
     """``import fiftyone``, with curate's defaults for its environment, or a clear error."""
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    return require("fiftyone", "review sessions")
+    return require("fiftyone", "curate review")
 
 
 def default_name(workspace: Workspace, manifest: Manifest) -> str:
