@@ -867,14 +867,12 @@ def bench_cmd(export_dir, detector, protocol, backbone, weights, iterations, bat
       curate bench hss-iad/export --detector dinomaly --protocol multi-class \\
           --weights ~/weights/dinov2_vitb14_reg4_pretrain.pth
     """
-    try:
-        from detectors.backbones import WeightsNotFoundError
-        from detectors.bench import run_bench
-        from detectors.data import DatasetError
-        from detectors.errors import DetectorConfigError
-    except ImportError as exc:
-        raise Failure(f"curate bench needs the detectors extra ({exc}); "
-                      "pip install 'curate[detectors]'") from exc
+    require("torch", "curate bench")
+    from detectors.backbones import WeightsNotFoundError
+    from detectors.bench import run_bench
+    from detectors.data import DatasetError
+    from detectors.errors import DetectorConfigError
+
     gpus = 1 if (device or "").startswith("cuda") else 0
     try:
         with Context(None, executor=executor, ray_address=ray_address, console=stderr) as ctx:
