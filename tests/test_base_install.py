@@ -78,13 +78,15 @@ def test_build_works_on_the_base_install(built):
     (["sdas", "sample", "--category", "Magnetic-tile-defect", "--checkpoint", "out"],
      "curate sdas needs PyTorch: pip install 'curate[detectors]'"),
     (["build", "ssfilter.yaml"], "stage ssfilter needs PyTorch: pip install 'curate[detectors]'"),
+    (["bench", "out"], "curate bench needs PyTorch: pip install 'curate[detectors]'"),
 ])
 def test_a_feature_that_needs_an_extra_names_it_in_one_sentence(base_env, built, args,
                                                                   sentence):
     (built / "ssfilter.yaml").write_text(
         "name: t\nversion: 1\nsources: [{kind: mtd, category: M}]\n"
         "stages: [{stage: ssfilter, params: {}}]\n")
-    result = _curate(base_env, *args, "-w", "ws", cwd=built)
+    workspace = [] if args[0] == "bench" else ["-w", "ws"]  # bench reads an export only
+    result = _curate(base_env, *args, *workspace, cwd=built)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == f"error: {sentence}"
 
