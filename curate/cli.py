@@ -704,7 +704,8 @@ def export_mvtec_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as
     """
     from curate.export.mvtec import export_mvtec
 
-    with _context(workspace, seed, jobs, create=False) as ctx:
+    # Writes only to --out: a reader of the workspace, it neither takes nor waits for the lock.
+    with _context(workspace, seed, jobs, create=False, write=False) as ctx:
         report = export_mvtec(ctx.workspace.load(manifest), out, ctx, overwrite=overwrite,
                               images=images)
     _show_export(report, out, as_json)
@@ -947,7 +948,8 @@ def sdas_train(manifest, category, out, steps, batch_size, image_size, model_pre
     config = train_mod.TrainConfig(preset=model_preset, image_size=image_size, steps=steps,
                                    batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                    save_every=save_every, seed=seed, device=device)
-    with _context(workspace, seed, jobs, create=False) as ctx:
+    # Writes only the checkpoint folder: hours of training must not lock the workspace.
+    with _context(workspace, seed, jobs, create=False, write=False) as ctx:
         m = ctx.workspace.load(manifest)
         images = training_images(ctx.workspace, m, category)
         bar_ = ProgressBar(ctx, f"sdas train {category}", steps, loss=float("nan"))
