@@ -5,6 +5,17 @@ can continue; the CLI prints it without a traceback and exits 1. Problems with a
 are not exceptions: the sample is dropped with a reason (see ``curate.manifest.Reason``).
 """
 
+import re
+
+# "<_io.BytesIO object at 0x7f49...>": an address differs between runs and processes.
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
+
+
+def stable_text(exc: BaseException) -> str:
+    """``str(exc)`` without memory addresses: exception texts end up in drop reasons, and a
+    manifest must be byte-identical between runs and whatever process wrote it."""
+    return _ADDRESS.sub("", str(exc))
+
 
 class CurateError(Exception):
     """A user-facing failure: the message names the file and what was expected."""

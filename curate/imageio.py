@@ -31,6 +31,8 @@ import numpy as np
 from isal import isal_zlib
 from PIL import Image, UnidentifiedImageError
 
+from curate.errors import stable_text
+
 # Decoding happens in worker processes, each handling one image at a time.
 cv2.setNumThreads(1)
 
@@ -85,7 +87,7 @@ def _header(data: bytes) -> tuple[Image.Image, str]:
         raise _too_large(int(declared.group(1)) if declared else 2 * Image.MAX_IMAGE_PIXELS
                          ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise BadImage(f"not a readable image ({exc})") from exc
+        raise BadImage(f"not a readable image ({stable_text(exc)})") from exc
     fmt = _FORMATS.get(im.format or "")
     if fmt is None:
         raise BadImage(f"unsupported image format {im.format!r}")
@@ -119,7 +121,7 @@ def probe(data: bytes) -> ImageInfo:
     except BadImage:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise BadImage(f"not a readable image ({exc})") from exc
+        raise BadImage(f"not a readable image ({stable_text(exc)})") from exc
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")
     if fmt == "jpeg" and not _jpeg_complete(data):
@@ -246,7 +248,7 @@ def decode_mask_values(data: bytes) -> tuple[np.ndarray, str]:
                 warnings.simplefilter("ignore")
                 indices = np.asarray(im.getchannel(0) if im.mode == "PA" else im)
         except (OSError, ValueError, SyntaxError, struct.error) as exc:
-            raise BadImage(f"not a readable image ({exc})") from exc
+            raise BadImage(f"not a readable image ({stable_text(exc)})") from exc
         return np.ascontiguousarray(indices, np.uint8), "palette"
     arr = _imdecode(data, cv2.IMREAD_UNCHANGED)
     if arr.dtype not in (np.uint8, np.uint16):

@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from curate.canonical import content_hash
-from curate.errors import CurateError, UnsafePathError
+from curate.errors import CurateError, UnsafePathError, stable_text
 from curate.files import source_file_path
 from curate.imageio import BadImage
 from curate.lock import WorkspaceLock
@@ -104,8 +104,8 @@ def _error_update(exc: BaseException, path: str) -> Update:
         code = "missing_file"
     else:
         code = "error"
-    detail = str(exc) if isinstance(exc, (CurateError, BadImage, OSError)) else \
-        f"{type(exc).__name__}: {exc}"
+    detail = stable_text(exc) if isinstance(exc, (CurateError, BadImage, OSError)) else \
+        f"{type(exc).__name__}: {stable_text(exc)}"
     return {"drop": [(code, f"{path}: {detail}")]}
 
 

@@ -121,3 +121,20 @@ def test_an_image_deleted_since_ingest_is_dropped_naming_it(ctx, mtd_root, tmp_p
     assert sum(r["status"] == "kept" for r in rows.values()) == 2
     assert np.isfinite(next(r for r in rows.values() if r["status"] == "kept")["measures"]
                        ["quality.sharpness"])
+
+
+def test_an_unreadable_image_is_described_the_same_in_every_process(tmp_path, ctx):
+    """Pillow's text for a file it cannot identify names a memory address
+    ('<_io.BytesIO object at 0x7f49...>'); in a drop reason that made the manifest id differ
+    between runs and between --jobs (found by tests/test_invariants.py)."""
+    with pytest.raises(BadImage) as caught:
+        probe(b"not an image at all")
+    assert "0x" not in str(caught.value)
+    root = tmp_path / "src" / "MT_Free" / "Imgs"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"made text")
+    (root / "a.png").write_bytes(b"made text")
+    manifest = ingest(ctx, "mtd", tmp_path / "src")
+    [row] = manifest.rows()
+    assert row["status"] == "dropped"
+    assert "0x" not in row["reasons"][0]["detail"], row["reasons"]
