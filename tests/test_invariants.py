@@ -31,7 +31,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, labels
 from hypothesis import HealthCheck, given, note, settings
-from treegen import LAYOUTS, Tree, build_tree, trees
+from treegen import LAYOUTS, UNPRIVILEGED, Tree, build_tree, trees
 
 from curate.cli import cli
 from curate.errors import CurateError
@@ -41,7 +41,9 @@ from curate.workspace import Workspace
 
 
 def examples(n: int) -> settings:
-    """At most ``n`` examples, each as slow as it needs (temporary trees, subprocesses)."""
+    """At most ``n`` examples, each as slow as it needs (temporary trees, subprocesses).
+    ``CURATE_HYPOTHESIS_SCALE=K`` multiplies ``n`` for a longer hunt than CI affords."""
+    n *= int(os.environ.get("CURATE_HYPOTHESIS_SCALE", "1"))
     return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck),
                     print_blob=True)
 
@@ -424,7 +426,7 @@ def test_a_whole_build_on_any_tree_succeeds_or_fails_in_one_line(spec):
         curate = shutil.which("curate", path=str(Path(sys.executable).parent))
         with fifo_watch(tree) as fifos_opened:
             proc = subprocess.run(
-                [curate, "build", "hss-iad", "--source", f"{tree.reader}={tree.root}", "-w",
+                [*UNPRIVILEGED, curate, "build", "hss-iad", "--source", f"{tree.reader}={tree.root}", "-w",
                  ws, "--out", out, "--no-card", "-j", "1"],
                 capture_output=True, text=True, timeout=600)
         assert not fifos_opened

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from curate.cli import cli
 from curate.errors import CurateError, UnsafePathError
 from curate.files import source_file_path, walk_files
 from curate.verify import verify
+from curate.workspace import Workspace
 
 
 def ignored(manifest) -> dict[str, str]:
@@ -139,15 +143,44 @@ def test_an_unreadable_folder_is_listed_not_a_crash(ctx, tiles, monkeypatch):
         list(walk_files(tiles))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 folder all the same")
-def test_an_unreadable_folder_for_real(ctx, tiles):
-    folder = tiles / "MT_Crack" / "Imgs"
-    folder.chmod(0)
+def test_unreadable_entries_for_real(tmp_path, mtd_root):
+    """chmod 000 on a folder and on one image, read by a process the modes apply to. The suite
+    runs as root here and in CI, and root reads everything: then the command runs in a new user
+    namespace (`unshare --user`), where root's capabilities no longer cover the files, so the
+    modes hold as for any user (a real unreadable folder, not a monkeypatched scandir)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None:
+            pytest.skip("running as root and util-linux's `unshare` is missing: "
+                        "nothing can make a folder unreadable to root")
+        prefix = ["unshare", "--user"]
+    tiles = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 3, "MT_Crack": 2})
+    secret = sorted((tiles / "MT_Free" / "Imgs").glob("*.jpg"))[0]
+    # A copy, not the hard link: chmod on a hard link would change the shared data's mode.
+    data = secret.read_bytes()
+    secret.unlink()
+    secret.write_bytes(data)
+    secret.chmod(0)
+    (tiles / "MT_Crack" / "Imgs").chmod(0)
+    ws = tmp_path / "ws"
+    curate = Path(sys.executable).with_name("curate")
     try:
-        m = ingest(ctx, "mtd", tiles)
+        done = subprocess.run([*prefix, str(curate), "ingest", "mtd", str(tiles), "-w", str(ws),
+                               "--json"], capture_output=True, text=True, timeout=120)
     finally:
-        folder.chmod(0o755)
+        (tiles / "MT_Crack" / "Imgs").chmod(0o755)
+        secret.chmod(0o644)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    m = Workspace.open(ws, create=False).load()
     assert ignored(m)["MT_Crack/Imgs"].startswith("unreadable folder")
+    rows = by_path(m)
+    assert len(rows) == 3  # the three good tiles; the cracked ones could not be listed
+    rel = f"MT_Free/Imgs/{secret.name}"
+    assert rows[rel]["status"] == "dropped"
+    assert "Permission denied" in rows[rel]["reasons"][0]["detail"], rows[rel]["reasons"]
+    inventory = m.header["inventory"]["mtd"]
+    assert inventory["files"] == 3 * 2 + 1  # 3 tiles with masks + the folder it could not list
 
 
 def test_nothing_readable_is_one_sentence(ctx, tmp_path, mtd_root):
