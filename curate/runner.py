@@ -291,7 +291,9 @@ class Context:
             self._ray_started = True
         return ray
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """Stop the workers, then (``failed``: the command raised) remove a workspace this
+        command created and never saved into, then release the writer lock."""
         try:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
@@ -302,6 +304,8 @@ class Context:
                 ray.shutdown()
                 self._ray_started = False
         finally:
+            if failed and self.workspace is not None:
+                self.workspace.discard_if_unused()
             # Last: the workers are gone, and everything the command wrote is in place.
             if self._lock is not None:
                 self._lock.release()
@@ -310,8 +314,8 @@ class Context:
     def __enter__(self) -> Context:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
     def env(self, stage: str, params: Any, roots: dict[str, str], *, seed: bool = False
             ) -> SampleEnv:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class Workspace:
         self.manifests_dir = root / "manifests"
         self.cache_dir = root / "cache"
         self.store = Store(root / "store")
+        #: "folder" or "contents" when this process created the workspace (the folder itself,
+        #: or inside an empty folder): what :meth:`discard_if_unused` removes.
+        self.created: str | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -83,9 +87,12 @@ class Workspace:
             raise CurateError(f"{root} exists and is not empty, and is not a curate workspace: "
                               "choose another --workspace")
         else:
+            existed = root.exists()
             root.mkdir(parents=True, exist_ok=True)
-            _create_marker(marker)
+            created = "contents" if existed else "folder"
         ws = cls(root)
+        if not marker.is_file() and _create_marker(marker):
+            ws.created = created
         if create:
             for d in (ws.manifests_dir, ws.cache_dir, ws.store.root):
                 d.mkdir(parents=True, exist_ok=True)
@@ -95,6 +102,21 @@ class Workspace:
              ) -> WorkspaceLock:
         """The writer lock of this workspace (not taken yet): see :mod:`curate.lock`."""
         return WorkspaceLock(self.root / LOCK_FILE, command, on_wait=on_wait)
+
+    def discard_if_unused(self) -> None:
+        """Undo the creation of this workspace by this process when the command that created
+        it failed before saving any manifest: a failed command leaves no trace, not even an
+        empty workspace where there was nothing (or an empty folder) before."""
+        if self.created is None or self.ids() or self.head() is not None:
+            return
+        if self.created == "folder":
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for entry in self.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     @property
     def id(self) -> str:
@@ -253,15 +275,17 @@ class Workspace:
         return source_file_path(root, rel, what=f"path in source {source!r}")
 
 
-def _create_marker(marker: Path) -> None:
+def _create_marker(marker: Path) -> bool:
     """Write the workspace marker unless it exists: of two commands creating one workspace at
-    once, the first marker (and its id) stands; the file appears whole or not at all."""
+    once, the first marker (and its id) stands; the file appears whole or not at all. True if
+    this call wrote it."""
     tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps({"format": WORKSPACE_FORMAT, "id": uuid.uuid4().hex}) + "\n",
                        "utf-8")
         os.link(tmp, marker)
     except FileExistsError:
-        pass
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    return True

@@ -208,3 +208,32 @@ def test_a_damaged_run_record_or_header_is_named(workspace_with_head):
     result = CliRunner().invoke(cli, ["manifest", "show", "-w", str(ws.root)])
     assert result.exit_code == 1
     assert str(ws.record_path(head)) in result.stderr
+
+
+def test_a_failed_first_command_leaves_no_workspace_behind(tmp_path):
+    """Found by tests/test_invariants.py: an ingest that failed (a Severstal folder whose
+    train.csv links outside it) still left a new, empty workspace skeleton behind."""
+    not_a_source = tmp_path / "garbage"
+    not_a_source.mkdir()
+    (not_a_source / "notes.txt").write_text("no images here")
+    runner = CliRunner()
+    new = tmp_path / "new-ws"
+    result = runner.invoke(cli, ["ingest", "mtd", str(not_a_source), "-w", str(new)])
+    assert result.exit_code == 1, result.output
+    assert not new.exists()
+    empty = tmp_path / "empty-ws"
+    empty.mkdir()
+    result = runner.invoke(cli, ["ingest", "mtd", str(not_a_source), "-w", str(empty)])
+    assert result.exit_code == 1, result.output
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_a_failed_command_keeps_a_workspace_that_holds_manifests(tmp_path, mtd_root):
+    tiles = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 2})
+    ws = tmp_path / "ws"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["ingest", "mtd", str(tiles), "-w", str(ws)]).exit_code == 0
+    before = sorted(p.relative_to(ws) for p in ws.rglob("*") if p.name != "lock")
+    result = runner.invoke(cli, ["ingest", "mtd", str(tmp_path / "missing"), "-w", str(ws)])
+    assert result.exit_code == 1
+    assert sorted(p.relative_to(ws) for p in ws.rglob("*") if p.name != "lock") == before
