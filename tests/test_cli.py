@@ -102,8 +102,9 @@ def test_exit_codes_and_one_sentence_errors(tmp_path):
     assert "not a folder" in result.stderr
     invoke("ingest", "nosuchkind", empty, code=2)
     invoke("labels", "--jobs", "0", "-w", tmp_path / "ws", code=2)
+    assert not (tmp_path / "ws").exists()  # the failed ingests left no workspace behind
     result = invoke("labels", "-w", tmp_path / "ws", code=1)
-    assert "no manifests yet" in result.stderr
+    assert "not a curate workspace" in result.stderr
     result = invoke("ingest", "mtd", empty, "-o", "nonsense", "-w", tmp_path / "ws", code=2)
 
 
