@@ -56,7 +56,9 @@ class Failure(click.ClickException):
     exit_code = 1
 
     def show(self, file=None) -> None:
-        stderr.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False)
+        # One line whatever the message quotes (a library's error may span several).
+        stderr.print(f"[bold red]error:[/] {escape(' '.join(self.message.split()))}",
+                     highlight=False)
 
 
 def common_options(fn: Callable) -> Callable:

@@ -12,9 +12,11 @@ _ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
 
 
 def stable_text(exc: BaseException) -> str:
-    """``str(exc)`` without memory addresses: exception texts end up in drop reasons, and a
-    manifest must be byte-identical between runs and whatever process wrote it."""
-    return _ADDRESS.sub("", str(exc))
+    """``str(exc)`` on one line and without memory addresses, for quoting a library's error
+    in a reason or a message: a failure is one line (YAML's and XML's errors span several,
+    with a caret drawing), and a manifest must be byte-identical between runs and whatever
+    process wrote it."""
+    return " ".join(_ADDRESS.sub("", str(exc)).split())
 
 
 class CurateError(Exception):

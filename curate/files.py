@@ -9,7 +9,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
-from curate.errors import CurateError, UnsafePathError
+from curate.errors import CurateError, UnsafePathError, stable_text
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -124,7 +124,8 @@ def _unrecordable(rel: str, is_dir: bool) -> str | None:
     try:
         check_relative(rel)
     except UnsafePathError as exc:
-        return f"name cannot be recorded as a safe relative path ({exc}): not read{inside}"
+        return (f"name cannot be recorded as a safe relative path ({stable_text(exc)}): "
+                f"not read{inside}")
     return None
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.canonical import canonical_json, canonicalize, dumps_canonical, sha256_hex
-from curate.errors import ManifestError
+from curate.errors import ManifestError, stable_text
 from curate.failure import writing
 from curate.schemas_io import validate_header, validate_rows
 
@@ -142,7 +142,7 @@ def manifest_row(stored: dict[str, Any]) -> dict[str, Any]:
             row[name] = json.loads(stored[name])
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"sample {stored.get('source')}:{stored.get('path')}: column "
-                                f"{name} does not hold JSON ({exc})") from exc
+                                f"{name} does not hold JSON ({stable_text(exc)})") from exc
     return row
 
 
@@ -262,14 +262,16 @@ class Manifest:
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
-            raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
+            raise ManifestError(f"{path}: not a readable Parquet manifest "
+                                f"({stable_text(exc)})") from exc
         meta = table.schema.metadata or {}
         if HEADER_KEY not in meta:
             raise ManifestError(f"{path}: Parquet file has no curate header")
         try:
             header = json.loads(meta[HEADER_KEY])
         except ValueError as exc:
-            raise ManifestError(f"{path}: the curate header is not JSON ({exc})") from exc
+            raise ManifestError(f"{path}: the curate header is not JSON "
+                                f"({stable_text(exc)})") from exc
         if not isinstance(header, dict):
             raise ManifestError(f"{path}: the curate header is not a JSON object")
         if header.get("format") != FORMAT:

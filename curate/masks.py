@@ -34,6 +34,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
+from curate.errors import stable_text
 from curate.imageio import BadImage, binarize, decode_mask_values, mask_levels, mask_size
 
 
@@ -212,7 +213,8 @@ def read_mask(data: bytes, threshold: int | str = "auto",
                                   "its image", "mask_size_mismatch")
         values, kind = decode_mask_values(data)
     except BadImage as exc:
-        raise AnnotationError(f"is unreadable ({exc}); expected a PNG, BMP, TIFF or JPEG "
+        raise AnnotationError(f"is unreadable "
+                              f"({stable_text(exc)}); expected a PNG, BMP, TIFF or JPEG "
                               f"mask{expected}", "unreadable_mask") from None
     unusual = [f"{kind} mask" + (": read by palette index, 0 as background"
                                  if kind == "palette" else "")] if kind else []

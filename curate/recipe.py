@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from curate.errors import CurateError
+from curate.errors import CurateError, stable_text
 from curate.runner import make_params
 from curate.schemas_io import validate_recipe
 from curate.stages import stage_class
@@ -59,7 +59,7 @@ def load_recipe(ref: str) -> Recipe:
         try:
             text, origin = path.read_text("utf-8"), str(path)
         except OSError as exc:
-            raise CurateError(f"{path}: cannot read the recipe ({exc})") from exc
+            raise CurateError(f"{path}: cannot read the recipe ({stable_text(exc)})") from exc
     elif ref in builtin_recipes():
         text = resources.files("curate.recipes").joinpath(f"{ref}.yaml").read_text("utf-8")
         origin = f"manifests/{ref}.yaml"
@@ -69,7 +69,7 @@ def load_recipe(ref: str) -> Recipe:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CurateError(f"{origin}: not valid YAML ({exc})") from exc
+        raise CurateError(f"{origin}: not valid YAML ({stable_text(exc)})") from exc
     validate_recipe(doc, origin)
     sources = []
     for s in doc["sources"]:

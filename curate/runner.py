@@ -373,7 +373,7 @@ class Context:
                 retries += 1
                 if retries > POOL_RETRIES:
                     raise CurateError(f"stage {env.stage!r}: worker processes died "
-                                      f"{retries} times; giving up ({exc})") from exc
+                                      f"{retries} times; giving up ({stable_text(exc)})") from exc
                 self.console.print(f"[yellow]stage {env.stage}: a worker process died; "
                                    f"rerunning the unfinished chunks (retry {retries} of "
                                    f"{POOL_RETRIES})[/]")

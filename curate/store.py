@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.errors import CurateError
+from curate.errors import CurateError, stable_text
 from curate.files import atomic_write_bytes
 from curate.imageio import decode, encode_png
 
@@ -96,7 +96,7 @@ class Store:
             try:
                 actual = pixel_digest(decode(data))
             except ValueError as exc:
-                return f"artifact {key} does not decode ({exc})"
+                return f"artifact {key} does not decode ({stable_text(exc)})"
         else:
             actual = hashlib.sha256(data).hexdigest()
         if actual != digest:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from curate import __version__
 from curate.canonical import sha256_hex
-from curate.errors import CurateError, ManifestError
+from curate.errors import CurateError, ManifestError, stable_text
 from curate.files import atomic_write_text, source_file_path
 from curate.lock import WorkspaceLock
 from curate.manifest import HEADER_KEY, Manifest
@@ -75,7 +75,8 @@ class Workspace:
             try:
                 fmt = json.loads(marker.read_text("utf-8")).get("format")
             except (OSError, ValueError) as exc:
-                raise CurateError(f"{marker}: unreadable workspace marker ({exc})") from exc
+                raise CurateError(f"{marker}: unreadable workspace marker "
+                                  f"({stable_text(exc)})") from exc
             if fmt != WORKSPACE_FORMAT:
                 raise CurateError(f"{marker}: workspace format {fmt!r}, expected "
                                   f"{WORKSPACE_FORMAT!r}")
@@ -179,7 +180,7 @@ class Workspace:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise ManifestError(f"{path}: unreadable run record ({exc})") from exc
+            raise ManifestError(f"{path}: unreadable run record ({stable_text(exc)})") from exc
         if not isinstance(record, dict):
             raise ManifestError(f"{path}: a run record is a JSON object, found "
                                 f"{type(record).__name__}")
@@ -234,7 +235,8 @@ class Workspace:
             try:
                 meta = pq.read_schema(path).metadata or {}
             except (OSError, pa.ArrowException) as exc:
-                raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
+                raise ManifestError(f"{path}: not a readable Parquet manifest "
+                                    f"({stable_text(exc)})") from exc
             try:
                 header = json.loads(meta[HEADER_KEY])
                 counts = header["counts"]

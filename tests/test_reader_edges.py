@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from helpers import assert_every_file_accounted_for, by_path, ingest, labels, reasons
 from PIL import Image
 
+from curate import fixtures
 from curate.cli import cli
 from curate.errors import UsageError
 from curate.fixtures import write_casting, write_kolektorsdd, write_mvtec, write_severstal
@@ -202,3 +203,17 @@ def test_a_decompression_bomb_under_a_coco_rle_drops_that_sample(ctx, tmp_path):
                                                               "counts": [20]})})
     (root / "images" / "a.png").write_bytes(png_declaring(100_000, 100_000))
     assert "image_too_large" in codes(ingest(ctx, "casting", root))["images/a.png"]
+
+
+def test_a_broken_yaml_file_is_one_line(tmp_path):
+    """Found by tests/test_invariants.py: YAML's error text spans several lines (with a caret
+    drawing), and it was quoted as is in the one-sentence failure."""
+    root = tmp_path / "casting"
+    fixtures.write_casting(root, seed=0, format="yolo")
+    assert (root / "data.yaml").is_file()
+    (root / "data.yaml").write_bytes(b"names: [\n")
+    result = CliRunner().invoke(cli, ["ingest", "casting", str(root), "-w",
+                                      str(tmp_path / "ws")])
+    assert result.exit_code == 1
+    assert "data.yaml: not valid YAML" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr

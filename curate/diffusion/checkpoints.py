@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from curate.errors import CurateError
+from curate.errors import CurateError, stable_text
 from curate.files import sha256_file
 
 
@@ -109,10 +109,11 @@ def read_pickle_checkpoint(path: str | Path) -> Any:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
                          pickle_module=RESTRICTED_PICKLE)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused to load ({exc}); only tensors, plain "
+        raise CheckpointError(f"{path}: refused to load ({stable_text(exc)}); only tensors, plain "
                               "containers, EasyDict and numpy numbers are accepted") from exc
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint "
+                              f"({stable_text(exc)})") from exc
     return _plain(obj)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from curate.diffusion.adm import tiny_config
 from curate.diffusion.checkpoints import CheckpointError, load_adm_checkpoint, load_strict
+from curate.errors import stable_text
 from curate.files import sha256_file
 
 FORMAT = "curate-diffusion/1"
@@ -115,7 +116,7 @@ def read_model_json(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a curate diffusion checkpoint (no "
                               "model.json)") from None
     except ValueError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+        raise CheckpointError(f"{path}: unreadable ({stable_text(exc)})") from exc
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
     return doc
@@ -137,7 +138,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         try:
             state = load_file(weights)
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{weights}: not a readable safetensors file ({exc}); "
+            raise CheckpointError(f"{weights}: not a readable safetensors file "
+                                  f"({stable_text(exc)}); "
                                   "expected the EMA weights `curate sdas train` saves") from None
         load_strict(model, state, str(weights))
         return LoadedModel(model.to(device).eval(), doc["arch"], doc["image_size"],

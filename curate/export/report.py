@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from curate.errors import CurateError, UnsafePathError
+from curate.errors import CurateError, UnsafePathError, stable_text
 from curate.export.mvtec import MARKER
 from curate.export.staging import write_failure
 from curate.files import atomic_write_text, check_relative
@@ -50,7 +50,8 @@ def read_report(export_dir: str | os.PathLike) -> dict[str, Any]:
         raise CurateError(f"{path} not found: expected the report of a curate MVTec export "
                           "(run `curate export mvtec` first)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CurateError(f"{path} cannot be read as JSON ({exc}): expected the report of a "
+        raise CurateError(f"{path} cannot be read as JSON "
+                          f"({stable_text(exc)}): expected the report of a "
                           "curate MVTec export") from None
     if not isinstance(report, dict) or report.get("format") != "mvtec" \
             or not isinstance(report.get("files"), list):

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from curate.errors import CurateError, UnsafePathError
+from curate.errors import CurateError, UnsafePathError, stable_text
 from curate.files import check_relative
 from curate.sources.base import Inventory, stem_and_ext
 
@@ -117,7 +117,7 @@ def _parse_voc(path: Path, rel: str) -> Shapes:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:
-        raise _BadAnnotation(f"{rel}: malformed XML ({exc})") from exc
+        raise _BadAnnotation(f"{rel}: malformed XML ({stable_text(exc)})") from exc
     if root.tag != "annotation":
         raise _BadAnnotation(f"{rel}: root element <{root.tag}>, expected a Pascal VOC "
                              "<annotation>")
@@ -205,13 +205,14 @@ def _read_names_file(path: Path) -> dict[int, str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CurateError(f"{path}: not UTF-8 text ({exc}); expected YOLO class names") from exc
+        raise CurateError(f"{path}: not UTF-8 text "
+                          f"({stable_text(exc)}); expected YOLO class names") from exc
     if path.name.lower() in YOLO_CLASS_LISTS:
         return dict(enumerate(line.strip() for line in text.splitlines() if line.strip()))
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CurateError(f"{path}: not valid YAML ({exc}); expected a YOLO dataset "
+        raise CurateError(f"{path}: not valid YAML ({stable_text(exc)}); expected a YOLO dataset "
                           "file") from exc
     names = doc.get("names") if isinstance(doc, dict) else None
     if isinstance(names, list):
@@ -243,7 +244,7 @@ def _parse_yolo(path: Path, rel: str, names: dict[int, str] | None,
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise _BadAnnotation(f"{rel}: not UTF-8 text ({exc})") from exc
+        raise _BadAnnotation(f"{rel}: not UTF-8 text ({stable_text(exc)})") from exc
     shapes = Shapes(rel)
     for number, line in enumerate(lines, 1):
         tokens = line.split()
@@ -293,7 +294,7 @@ def _image_size(path: Path, rel: str) -> tuple[int, int] | None:
                 return im.size
     except Image.DecompressionBombError as exc:
         raise _ImageTooLarge(f"{rel}: the image header declares too many pixels to be read "
-                             f"safely ({exc})") from None
+                             f"safely ({stable_text(exc)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
 
@@ -329,7 +330,8 @@ def _load_coco(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CurateError(f"{path}: not valid JSON ({exc}); expected a COCO annotation "
+        raise CurateError(f"{path}: not valid JSON "
+                          f"({stable_text(exc)}); expected a COCO annotation "
                           "file") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
             or not isinstance(doc.get("annotations", []), list) \

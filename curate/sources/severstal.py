@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError, UnsafePathError
+from curate.errors import CurateError, UnsafePathError, stable_text
 from curate.files import check_relative
 from curate.manifest import drop, new_row
 from curate.sources.base import Inventory, Reader, Scan, is_image, label_for, stem_and_ext
@@ -142,7 +142,8 @@ def read_train_csv(path: Path, train_images: dict[tuple[str, str], str],
                 if counts.strip():
                     found.setdefault(image, {})[class_id] = counts
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise CurateError(f"{path}: not a readable CSV file ({exc}); expected Severstal's "
+        raise CurateError(f"{path}: not a readable CSV file "
+                          f"({stable_text(exc)}); expected Severstal's "
                           "train.csv") from exc
     return labels
 

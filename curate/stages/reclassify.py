@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import yaml
 
-from curate.errors import CurateError
+from curate.errors import CurateError, stable_text
 from curate.files import sha256_file
 from curate.imageio import decode
 from curate.manifest import Manifest
@@ -115,7 +115,7 @@ def load_overrides(path: str) -> dict[str, dict[str, str]]:
     except FileNotFoundError:
         raise CurateError(f"{path}: override file not found") from None
     except yaml.YAMLError as exc:
-        raise CurateError(f"{path}: not valid YAML ({exc}); expected sample id -> "
+        raise CurateError(f"{path}: not valid YAML ({stable_text(exc)}); expected sample id -> "
                           "{class: C1|C2|C3, note: ...}") from None
     if not isinstance(doc, dict):
         raise CurateError(f"{path}: expected a mapping of sample id -> {{class, note}}")
