@@ -157,6 +157,22 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- exit policy
+class BadUsage(click.UsageError):
+    """Bad usage, exit 2, in one line like every other failure: the message and where the
+    help is, instead of click's three-line usage reminder."""
+
+    def show(self, file=None) -> None:
+        where = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+        stderr.print(f"[bold red]error:[/] {escape(' '.join(self.format_message().split()))}"
+                     f"{escape(where)}", highlight=False)
+
+
+def _one_line_usage(exc: click.UsageError) -> BadUsage:
+    if isinstance(exc, BadUsage):
+        return exc
+    return BadUsage(exc.format_message(), exc.ctx)
+
+
 class CurateGroup(click.Group):
     """The top-level group, which every command's failure passes through: the one place that
     decides how it is shown (see :mod:`curate.failure`). A CurateError or an OSError of the
@@ -169,7 +185,7 @@ class CurateGroup(click.Group):
             return super().invoke(ctx)
         except (CurateError, OSError) as exc:
             if isinstance(exc, CurateError):
-                shown: click.ClickException = (click.UsageError(str(exc))
+                shown: click.ClickException = (BadUsage(str(exc), ctx)
                                                if isinstance(exc, UsageError)
                                                else Failure(str(exc)))
             elif (sentence := environment_failure(exc)) is not None:
@@ -182,7 +198,16 @@ class CurateGroup(click.Group):
         except click.ClickException as exc:
             if ctx.params.get("debug") and exc.__cause__ is not None:
                 click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
+            if isinstance(exc, click.UsageError):
+                raise _one_line_usage(exc) from exc
             raise
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The group's own options and the command name: the same one-line usage errors.
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from exc
 
 
 # ------------------------------------------------------------------------------- commands

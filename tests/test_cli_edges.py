@@ -237,3 +237,15 @@ def test_bench_user_mistakes_are_one_sentence_and_its_bugs_are_not(mvtec_export,
     result = CliRunner().invoke(cli, ["bench", str(mvtec_export), *TINY_CRAS, "--out",
                                       str(tmp_path / "tables")])
     assert result.exit_code == 1 and isinstance(result.exception, TypeError)
+
+
+@pytest.mark.parametrize("args", [
+    ["--bogus"], ["nosuchcommand"], ["ingest"], ["ingest", "bogus", "."],
+    ["labels", "--jobs", "0"], ["export", "mvtec"], ["ingest", "casting", ".", "-o", "format=x"],
+])
+def test_bad_usage_is_one_line_too(tmp_path, args):
+    """Exit 2 with the message and where the help is, not click's three-line usage block."""
+    result = invoke(*args, "-w", tmp_path / "ws", code=2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "--help" in lines[0]

@@ -308,14 +308,11 @@ def invoke(*args) -> tuple[int, str, str, BaseException | None]:
 
 
 def assert_clean_failure(code: int, stderr: str, exc: BaseException | None, what: str) -> None:
-    """Invariant 3, the visible part: exit 1 or 2, one line on stderr, no traceback. Bad usage
-    (exit 2) may come after click's usage reminder ("Usage: ...", "Try '... --help'")."""
+    """Invariant 3, the visible part: exit 1 or 2, one line on stderr, no traceback (bad
+    usage too: no multi-line usage reminder)."""
     assert exc is None or isinstance(exc, SystemExit), \
         f"{what} raised {type(exc).__name__}: {exc}"
     assert code in (1, 2), f"{what} exited {code}: {stderr}"
-    if code == 2:
-        stderr = "\n".join(line for line in stderr.splitlines() if line.strip() and not (
-            line.startswith(("Usage: ", "Try '")) or line.startswith(" ")))
     one_line(stderr)
 
 
