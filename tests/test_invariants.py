@@ -5,12 +5,27 @@ nothing, and the same tree gives the same manifest.
 Trees come from ``tests/treegen.py``: a small valid dataset of each reader kind plus hostile
 mutations drawn by hypothesis (names, broken images and masks, links in and out of the root,
 loops, FIFOs, malformed annotations). A failing example is printed as the tree's mutation log,
-the readable recipe to rebuild it. Unreadable files (chmod 000) are only made where the tests
-do not run as root; as root that one mutation is skipped and says so in the log.
+the readable recipe to rebuild it. Unreadable files (chmod 000) are made in every tree; root
+reads them all the same in-process, so the whole-build test runs its process under
+``unshare --user`` when the tests run as root, where the mode holds.
 
-Examples are few and small (each tree has a handful of images) so the file runs in a few
+Examples are few and small (each tree has a handful of images) so the file runs in seconds to
 minutes on two busy cores; CI loads the derandomized ``ci`` profile from ``conftest.py`` so
-it always draws the same examples.
+it always draws the same examples; ``CURATE_HYPOTHESIS_SCALE=K`` draws K times as many.
+
+Counterexamples hypothesis found while these tests were written (each fixed, each with its
+own regression test besides):
+- on the code before issue 16: a directory link to itself crashed ingest (ELOOP traceback); a
+  directory link ``kos98 -> kos01`` appeared nowhere; a file link out of the root was read and
+  ingested; ``export --out <file>/sub`` ended in a FileExistsError traceback;
+- an image Pillow cannot identify was dropped with Pillow's text, which names a memory address
+  (``<_io.BytesIO object at 0x7f...>``): the manifest id differed between runs and ``--jobs``
+  (tests/test_image_edges.py);
+- a failed first ``ingest`` (a Severstal folder whose train.csv links outside it) left an
+  empty new workspace behind (tests/test_runner_edges.py);
+- a broken YOLO ``data.yaml`` failed with YAML's multi-line error, caret drawing included
+  (tests/test_reader_edges.py); bad usage printed click's three-line usage block
+  (tests/test_cli_edges.py).
 """
 
 from __future__ import annotations
