@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -54,6 +55,12 @@ def _inside(real: str, real_root: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    """A source folder, resolved: the same few roots are asked about for every file read."""
+    return os.path.realpath(root)
+
+
 def source_file_path(root: str | os.PathLike, rel: str, what: str = "path") -> Path:
     """The file ``rel`` of a source folder, resolved, for reading: the one check every read of
     an original file goes through (ingest, labels, export, verify).
@@ -64,7 +71,7 @@ def source_file_path(root: str | os.PathLike, rel: str, what: str = "path") -> P
     to report. The returned path is the resolved one, so that the file read is the one checked.
     """
     path = safe_join(root, rel, what)
-    real_root = os.path.realpath(root)
+    real_root = _real_root(os.fspath(root))
     real = os.path.realpath(path)
     if not _inside(real, real_root):
         raise UnsafePathError(f"{what} {rel!r} leads outside its folder {root} (through a "

@@ -35,7 +35,14 @@ import shapely
 from shapely.geometry import Polygon
 
 from curate.errors import stable_text
-from curate.imageio import BadImage, binarize, decode_mask_values, mask_levels, mask_size
+from curate.imageio import (
+    BadImage,
+    binarize,
+    count_between,
+    decode_mask_values,
+    mask_levels,
+    mask_size,
+)
 
 
 class AnnotationError(ValueError):
@@ -221,14 +228,15 @@ def read_mask(data: bytes, threshold: int | str = "auto",
     values = _one_channel(values, unusual)
     mask, used = binarize(values, threshold)
     full = np.iinfo(values.dtype).max
-    levels = mask_levels(values)
-    if threshold == "auto" and used == 0 and len(levels):
+    # Only a mask read with threshold 0 needs its values listed (a few label ids, or one).
+    levels = mask_levels(values) if threshold == "auto" and used == 0 else ()
+    if len(levels):
         if len(levels) > 1:
             shown = ", ".join(str(v) for v in levels[:8]) + (" ..." if len(levels) > 8 else "")
             unusual.append(f"label values {shown}: every non-zero value read as defect")
         elif levels[0] not in (1, full):
             unusual.append(f"its only non-zero value is {levels[0]}: read as defect")
-    grey = int(np.count_nonzero((values > 0) & (values < full))) if used else 0
+    grey = count_between(values, 1, full - 1) if used else 0
     return MaskFile(mask, used, grey, tuple(unusual))
 
 
