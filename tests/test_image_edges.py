@@ -138,3 +138,12 @@ def test_an_unreadable_image_is_described_the_same_in_every_process(tmp_path, ct
     [row] = manifest.rows()
     assert row["status"] == "dropped"
     assert "0x" not in row["reasons"][0]["detail"], row["reasons"]
+
+
+def test_checking_a_complete_jpeg_prints_nothing(mtd_root, capfd):
+    """The second look at a tile whose last block is mid-grey decoded it with filler bytes
+    through OpenCV, whose libjpeg printed 'Corrupt JPEG data: 1015 extraneous bytes before
+    marker 0xd9' on the terminal during every ingest of MTD."""
+    for name in ("MT_Free/Imgs/exp5_num_116324.jpg", "MT_Free/Imgs/exp6_num_292199.jpg"):
+        probe((mtd_root / name).read_bytes())
+    assert "JPEG" not in capfd.readouterr().err
