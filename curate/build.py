@@ -97,6 +97,12 @@ def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
             return [str(Path(out) / p.relative_to(tmp)) for p in paths]
 
         report = write_mvtec(result.manifest, tmp, ctx)
+        beside = {"realnet", "realiad", "card", "card.md"}  # what the lists and card write
+        clash = sorted(c for c in report["counts"] if c.lower() in beside)
+        if clash:
+            raise CurateError(f"category {clash[0]!r} has the name of a folder the build "
+                              f"writes beside the categories ({', '.join(sorted(beside))}): "
+                              "rename the category (the recipe's category option)")
         exports["mvtec"] = {k: v for k, v in report.items() if k != "files"}
         if "realnet" in recipe.exports:
             from curate.export.realnet import export_realnet

@@ -388,3 +388,14 @@ def test_an_original_changed_since_ingest_fails_the_export(ctx, labelled, tmp_pa
                                           rf"{expected}\): ingest it again"):
         export_mvtec(manifest, tmp_path / "other", ctx)
     assert not (tmp_path / "other").exists() and leftovers(tmp_path / "other") == []
+
+
+def test_a_category_named_like_a_list_folder_is_refused(ctx, mtd_root, tmp_path):
+    """A category 'RealNet' would mix its images with the build's realnet/ sample lists."""
+    root = mtd_copy(mtd_root, tmp_path / "mtd", {"MT_Crack": ["c0"], **FREE})
+    manifest = labels(ctx, ingest(ctx, "mtd", root, category="RealNet"))
+    result = BuildResult("hss-iad", [SimpleNamespace(manifest=manifest)], {}, {})
+    out = tmp_path / "out"
+    with pytest.raises(CurateError, match="category 'RealNet' has the name of a folder"):
+        export_all(result, load_recipe("hss-iad"), ctx, out, card=False)
+    assert not out.exists() and not leftovers(out)
