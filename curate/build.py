@@ -8,6 +8,7 @@ stage's parameters reruns that stage and those after it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,21 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
 
 def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
                card: bool = True) -> dict[str, Any]:
-    """The recipe's exports of the final manifest into ``out`` (MVTec tree first: the sample
-    lists point into it), then the dataset card beside it.
+    """The recipe's exports of the final manifest into ``out``, then the dataset card beside
+    them (see :func:`export_manifest`); the card names the recipe and its missing sources."""
+    exports = export_manifest(result.manifest, ctx, out, recipe.exports, card=card,
+                              overwrite=True, recipe=recipe.name, missing=result.missing)
+    result.exports = exports
+    return exports
+
+
+def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collection[str], *,
+                    card: bool = False, overwrite: bool = False, images: str = "png",
+                    recipe: str | None = None, missing: dict[str, str] | None = None
+                    ) -> dict[str, Any]:
+    """The MVTec tree of ``manifest`` in ``out`` (first: the sample lists point into it), the
+    sample lists of ``formats`` ("realnet", "realiad") beside it, and the dataset card if
+    ``card`` (``recipe`` and ``missing``, the sources the recipe found missing, go on it).
 
     All written into one temporary folder that replaces ``out`` only once everything is in
     it: a failure anywhere leaves ``out`` as it was (see :mod:`curate.export.staging`)."""
@@ -92,11 +106,11 @@ def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
     from curate.export.staging import staged
 
     exports: dict[str, Any] = {}
-    with staged(out, marker=MARKER, overwrite=True) as tmp:
+    with staged(out, marker=MARKER, overwrite=overwrite) as tmp:
         def final(paths: list[Path]) -> list[str]:
             return [str(Path(out) / p.relative_to(tmp)) for p in paths]
 
-        report = write_mvtec(result.manifest, tmp, ctx)
+        report = write_mvtec(manifest, tmp, ctx, images=images)
         beside = {"realnet", "realiad", "card", "card.md"}  # what the lists and card write
         clash = sorted(c for c in report["counts"] if c.lower() in beside)
         if clash:
@@ -104,17 +118,17 @@ def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
                               f"writes beside the categories ({', '.join(sorted(beside))}): "
                               "rename the category (the recipe's category option)")
         exports["mvtec"] = {k: v for k, v in report.items() if k != "files"}
-        if "realnet" in recipe.exports:
+        if "realnet" in formats:
             from curate.export.realnet import export_realnet
 
             exports["realnet"] = final(export_realnet(tmp))
-        if "realiad" in recipe.exports:
+        if "realiad" in formats:
             from curate.export.realiad import export_realiad
 
             exports["realiad"] = final(export_realiad(tmp))
         if card:
             from curate.report import write_card
 
-            (exports["card"],) = final([write_card(result.manifest, tmp, ctx.workspace.store)])
-    result.exports = exports
+            (exports["card"],) = final([write_card(manifest, tmp, ctx.workspace.store,
+                                                   recipe=recipe, missing=missing)])
     return exports

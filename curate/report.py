@@ -8,7 +8,9 @@
 
 Everything is computed from the manifest (kept samples only, as exported) and the masks in the
 artifact store; the export's ``curate-export.json`` only says which manifest the files came
-from. The same manifest gives the same bytes: no timestamps, fixed sizes, sorted categories,
+from. The title names the dataset by its sources (and the recipe, when a build wrote the card);
+the sources a recipe did not find are listed on top, since every figure then covers less than
+the recipe's dataset. The same manifest gives the same bytes: no timestamps, fixed sizes, sorted categories,
 matplotlib's default style whatever the user's ``matplotlibrc`` says.
 """
 
@@ -46,8 +48,12 @@ ASPECT_FIGURE = "aspect_ratio.png"
 MASK_FRACTION = "labels.mask_fraction"
 SPLITS = ("train", "test")
 NORMAL, ANOMALOUS = "normal", "anomalous"
-#: Table I of the HSS-IAD paper: defect pixels / all pixels of its anomalous test images.
+#: Table I of the HSS-IAD paper ("Proportion", abnormal pixels): one figure for its whole
+#: dataset, all seven categories built from these five sources. The paper has no per-category
+#: figure (Fig. 4b only plots the areas), so the card compares the whole-dataset ratio with it,
+#: and only for a dataset built from the same sources.
 PAPER_ANOMALOUS_PIXEL_RATIO = 0.030
+PAPER_SOURCES = frozenset({"kolektorsdd", "kolektorsdd2", "mtd", "severstal", "casting"})
 
 # Corners of a unit pixel square, offsets from its top-left corner (x, y).
 _PIXEL_CORNERS = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.int32)
@@ -274,12 +280,14 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _provenance(manifest: Manifest, report: dict[str, Any], export_link: str) -> list[str]:
+def _provenance(manifest: Manifest, report: dict[str, Any], export_link: str,
+                recipe: str | None) -> list[str]:
     header = manifest.header
     stage = header["stage"]
     export_where = "this folder" if export_link == "." else f"`{export_link}`"
     lines = ["## Provenance", ""]
     lines += _table(["", ""], [
+        ["recipe", f"`{recipe}`" if recipe else "not known to this card"],
         ["manifest", f"`{manifest.id}`"],
         ["stage", f"{stage['name']} v{stage['version']}, parameters "
                   f"`{canonical_json(stage['params'])}`"],
@@ -318,7 +326,30 @@ def _counts_section(stats: DatasetStats, figures: Collection[str]) -> list[str]:
     return lines
 
 
-def _area_section(stats: DatasetStats, figures: Collection[str]) -> list[str]:
+def _source_kinds(manifest: Manifest) -> set[str]:
+    return {spec["kind"] for spec in manifest.header["sources"].values()}
+
+
+def _titles(kinds: Iterable[str]) -> str:
+    return ", ".join(CATALOG[k].title if k in CATALOG else k for k in sorted(kinds))
+
+
+def _paper_comparison(manifest: Manifest) -> str:
+    """What the paper's anomalous-pixel ratio is, and whether this dataset's compares with it."""
+    paper = (f"The HSS-IAD paper reports {100 * PAPER_ANOMALOUS_PIXEL_RATIO:.1f}% for its whole "
+             f"dataset (Table I, all seven categories, from {_titles(PAPER_SOURCES)})")
+    kinds = _source_kinds(manifest)
+    if kinds == PAPER_SOURCES:
+        return (f"{paper}: the same sources as this dataset, whose figure over all its "
+                "categories is the one to compare. The paper gives no per-category figure "
+                "(Fig. 4b only plots the areas).")
+    return (f"{paper}. This dataset is built from {_titles(kinds) or 'no source'} only, so "
+            "its figure is not comparable with the paper's, and the paper gives no per-category "
+            "figure to compare with instead (Fig. 4b only plots the areas).")
+
+
+def _area_section(stats: DatasetStats, figures: Collection[str],
+                  manifest: Manifest) -> list[str]:
     lines = ["## Defect area", "",
              f"Share of the image covered by each kept defective sample's mask "
              f"(`{MASK_FRACTION}`).", ""]
@@ -337,9 +368,9 @@ def _area_section(stats: DatasetStats, figures: Collection[str]) -> list[str]:
                      "max", "anomalous-pixel ratio (test)"], rows)
     ratio = anomalous_pixel_ratio(stats.categories.values())
     shown = "none (no measured anomalous test images)" if ratio is None else _percent(ratio)
-    lines += [f"Anomalous-pixel ratio (defect pixels / all pixels of the anomalous test "
-              f"images): **{shown}** (the HSS-IAD paper reports "
-              f"{100 * PAPER_ANOMALOUS_PIXEL_RATIO:.1f}%).", ""]
+    lines += [f"Anomalous-pixel ratio over all categories (defect pixels / all pixels of the "
+              f"anomalous test images, from this manifest's masks): **{shown}**.", "",
+              _paper_comparison(manifest), ""]
     if AREA_FIGURE in figures:
         lines += ["Empty masks are left off the plot's log scale.", "",
                   f"![Defect area per category]({FIGURES_DIR}/{AREA_FIGURE})", ""]
@@ -397,13 +428,32 @@ def _sources_section(manifest: Manifest) -> list[str]:
     return lines + _table(["source", "kind", "title", "url", "licence", "citation"], rows)
 
 
+def _heading(manifest: Manifest, recipe: str | None, missing: dict[str, str]) -> list[str]:
+    """The title (the recipe and the sources the dataset is built from) and, on top, the
+    sources the recipe wanted and did not get."""
+    built_from = _titles(_source_kinds(manifest)) or "no source"
+    title = (f"# Dataset card: {recipe}, built from {built_from}" if recipe
+             else f"# Dataset card: {built_from}")
+    lines = [title, ""]
+    if missing:
+        lines += [f"> **Incomplete:** {len(missing)} of the sources of recipe "
+                  f"`{recipe or '?'}` were missing from this build, and every figure below "
+                  "covers only what was found:", ">"]
+        lines += [f"> - {_cell(_titles([kind]))} (`{kind}`): {_cell(why)}"
+                  for kind, why in sorted(missing.items())]
+        lines += [""]
+    return lines
+
+
 def card_markdown(manifest: Manifest, report: dict[str, Any], stats: DatasetStats,
-                  figures: Collection[str], export_link: str) -> str:
-    """The card's text; ``figures`` names the plots written beside it."""
-    lines = [f"# Dataset card: manifest {manifest.id}", ""]
-    lines += _provenance(manifest, report, export_link)
+                  figures: Collection[str], export_link: str, *, recipe: str | None = None,
+                  missing: dict[str, str] | None = None) -> str:
+    """The card's text; ``figures`` names the plots written beside it, ``recipe`` the recipe
+    that built the manifest and ``missing`` its sources that were not found (kind -> why)."""
+    lines = _heading(manifest, recipe, missing or {})
+    lines += _provenance(manifest, report, export_link, recipe)
     lines += _counts_section(stats, figures)
-    lines += _area_section(stats, figures)
+    lines += _area_section(stats, figures, manifest)
     lines += _aspect_section(stats, figures)
     lines += _curation_section(stats)
     lines += _sources_section(manifest)
@@ -412,8 +462,11 @@ def card_markdown(manifest: Manifest, report: dict[str, Any], stats: DatasetStat
 
 # --------------------------------------------------------------------------- writing
 def write_card(manifest: Manifest, export_dir: str | os.PathLike, store: Store,
-               out_dir: str | os.PathLike | None = None) -> Path:
+               out_dir: str | os.PathLike | None = None, *, recipe: str | None = None,
+               missing: dict[str, str] | None = None) -> Path:
     """Write ``card.md`` and its plots under ``card/`` into ``out_dir`` (default: the export).
+    ``recipe`` names the recipe that built ``manifest``, ``missing`` its sources that were
+    not found (kind -> why; a build's ``BuildResult.missing``).
 
     Returns the path of ``card.md``. Raises CurateError if ``export_dir`` holds no export
     report, or a mask is missing from ``store``.
@@ -436,5 +489,6 @@ def write_card(manifest: Manifest, export_dir: str | os.PathLike, store: Store,
             (figures_dir / name).unlink(missing_ok=True)
     export_link = Path(os.path.relpath(export_dir.absolute(), out_dir.absolute())).as_posix()
     card = out_dir / CARD_NAME
-    atomic_write_text(card, card_markdown(manifest, report, stats, images, export_link))
+    atomic_write_text(card, card_markdown(manifest, report, stats, images, export_link,
+                                          recipe=recipe, missing=missing))
     return card
