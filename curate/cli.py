@@ -485,6 +485,8 @@ def manifest_group() -> None:
 def manifest_list(workspace, seed, jobs, as_json):
     """All manifests in the workspace, oldest first (* marks the latest).
 
+    Banks and blends (`curate sdas`) are side products: never the latest.
+
     \b
     Example:
       curate manifest list --workspace ws
@@ -505,7 +507,8 @@ def manifest_list(workspace, seed, jobs, as_json):
                 table.add_row("*" if i.id == head else "", i.id, "[red]unreadable[/]",
                               "-", "-", "-", "-", "-")
                 continue
-            table.add_row("*" if i.id == head else "", i.id, i.stage,
+            stage = f"{i.stage} (side product)" if i.side_product else i.stage
+            table.add_row("*" if i.id == head else "", i.id, stage,
                           " ".join(p[:12] for p in i.parents) or "-", str(i.samples),
                           str(i.kept), str(i.dropped), i.created_at[:19].replace("T", " "))
         stdout.print(table)
@@ -1045,6 +1048,7 @@ def sdas_sample(manifest, category, checkpoint, n, steps, spacing, sampler, stre
         parents = [ws.load(manifest)] if manifest or ws.head() else []
         result = run_stage(SdasSample(), parents, params, ctx)
     _show_results([result], as_json)
+    _show_side_product(result, "bank", as_json)
 
 
 @sdas_group.command("blend")
@@ -1082,6 +1086,48 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
                                          "bank": banks[0].id if banks else ""})
         result = run_stage(SdasBlend(), [ws.load(manifest), *banks], params, ctx)
     _show_results([result], as_json)
+    _show_side_product(result, "blend", as_json)
+
+
+def _show_side_product(result: StageResult, what: str, as_json: bool) -> None:
+    """Say that a bank or blend left ``latest`` on the dataset, and how to name it instead."""
+    if not as_json:  # (the JSON has the full id)
+        stdout.print(f"{what} {result.manifest.id} is a side product: `latest` stays where "
+                     f"it was; name the {what} by its id", highlight=False)
+
+
+@sdas_group.command("export")
+@click.option("--bank", "banks", multiple=True, required=True, metavar="ID",
+              help="Bank manifest (sdas sample) to write; repeat for one bank per category.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="RealNet's sdas folder (data/<dataset>/sdas): must be new, empty, or an "
+                   "earlier bank export with --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier bank export at --out.")
+@common_options
+def sdas_export(banks, out, overwrite, workspace, seed, jobs, as_json):
+    """Write banks where RealNet reads them: OUT/<Category>/<index>.png, flat.
+
+    Point RealNet's `sdas_dir` at OUT/{} (its config: data/<dataset>/sdas/{}).
+    OUT/curate-sdas.json maps each file to its bank, sample id, seed and strength. All or
+    nothing: a failure leaves OUT as it was.
+
+    \b
+    Example:
+      curate sdas export --bank 3f2a9c --out data/HSS-IAD/sdas -w ws
+    """
+    from curate.export.sdas import export_banks
+
+    # Writes only to --out: a reader of the workspace, it neither takes nor waits for the lock.
+    with _context(workspace, seed, jobs, create=False, write=False) as ctx:
+        ws = ctx.workspace
+        index = export_banks(ws, [ws.load(bank) for bank in banks], out, overwrite=overwrite)
+    if as_json:
+        _emit_json({k: v for k, v in index.items() if k != "files"} | {"out": str(out)})
+        return
+    for bank in index["banks"]:
+        stdout.print(f"exported {bank['images']} images of bank {bank['manifest'][:12]} to "
+                     f"{out / bank['folder']}", highlight=False)
+    stdout.print(f"RealNet: sdas_dir: {out}/{{}}", highlight=False)
 
 
 # ------------------------------------------------------------------------------- ssfilter

@@ -12,6 +12,13 @@
 
 HEAD moves last: a manifest, its run record and its cache entry are written first, so a save
 that fails half way (a full disk) leaves HEAD where it was and removes what it had written.
+
+HEAD (``latest``) follows the *dataset line* only. A manifest whose every source is synthetic
+(a bank of ``curate sdas sample``, a blend of ``curate sdas blend``, or anything derived from
+one alone, e.g. a review of a blend) is a *side product*: it is saved, cached and listed like
+any other, but saving it leaves HEAD where it was, so the next stage, export or review still
+runs on the dataset, not on a few hundred synthetic rows. A side product is named by its id;
+a manifest that mixes synthetic and real sources (a merge) is on the dataset line.
 """
 
 from __future__ import annotations
@@ -39,6 +46,16 @@ from curate.store import Store
 
 WORKSPACE_FORMAT = "curate-workspace/1"
 LOCK_FILE = "lock"
+#: Source kinds of synthetic rows (``curate.stages.sdas``): a bank and a blend.
+BANK_KIND, BLEND_KIND = "sdas", "sdas_blend"
+SIDE_PRODUCT_KINDS = frozenset({BANK_KIND, BLEND_KIND})
+
+
+def is_side_product(header: dict[str, Any]) -> bool:
+    """Whether the manifest with this header is a side product (every source synthetic): one
+    that never becomes HEAD (see the module docstring)."""
+    kinds = {spec.get("kind") for spec in header["sources"].values()}
+    return bool(kinds) and kinds <= SIDE_PRODUCT_KINDS
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class ManifestInfo:
     created_at: str
     #: Why the manifest could not be read (a truncated file), None when it could.
     problem: str | None = None
+    #: A side product (bank, blend): never HEAD, see :func:`is_side_product`.
+    side_product: bool = False
 
 
 class Workspace:
@@ -137,8 +156,9 @@ class Workspace:
              executor: str = "local", from_cache: bool = False,
              cache_key: str | None = None) -> None:
         """Write ``manifest`` (if new), its run record and the cache entry ``cache_key`` (if
-        given), then make it HEAD. If a write fails (OSError: a full disk), the files this
-        call created are removed again and HEAD stays where it was."""
+        given), then make it HEAD unless it is a side product (:func:`is_side_product`). If a
+        write fails (OSError: a full disk), the files this call created are removed again and
+        HEAD stays where it was."""
         created: list[Path] = []
 
         def write_new(path: Path, write: Callable[[Path], None]) -> None:
@@ -167,7 +187,8 @@ class Workspace:
             if cache_key is not None:
                 write_new(self.cache_dir / cache_key,
                           lambda p: atomic_write_text(p, manifest.id + "\n"))
-            self.set_head(manifest.id)
+            if not is_side_product(manifest.header):
+                self.set_head(manifest.id)
         except OSError:
             for path in reversed(created):
                 path.unlink(missing_ok=True)
@@ -245,6 +266,7 @@ class Workspace:
                     parents=list(header["parents"]), samples=counts["samples"],
                     kept=counts["kept"], dropped=counts["dropped"],
                     created_at=str(record.get("created_at", "?")),
+                    side_product=is_side_product(header),
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise ManifestError(f"{path}: Parquet file without a readable curate header "

@@ -18,7 +18,10 @@ otherwise), δ ~ U(0.5, 1), and writes ``A = (1 − M)·I + (1 − δ)·M·I + �
 
 Rows of both live in source ``sdas`` / ``sdas_blend`` whose root is the workspace store: a row's
 ``path`` is its image's store file, and its ``sample_id`` names its slot (category, index), not
-the path, because two slots could in principle produce the same pixels.
+the path, because two slots could in principle produce the same pixels. Banks and blends are
+side products of the dataset (:func:`curate.workspace.is_side_product`): saving one does not
+move the workspace's HEAD. ``curate sdas export`` writes a bank where RealNet reads it
+(:mod:`curate.export.sdas`).
 
 Training (``curate sdas train``) reads its images with :func:`training_images`: a source file
 removed or changed since ingest stops it with one sentence naming the file.
@@ -48,8 +51,10 @@ from curate.files import sha256_bytes, sha256_file
 from curate.manifest import KEPT, Manifest, new_row, sample_id_for
 from curate.optional import require
 from curate.runner import Context, SampleEnv, Stage, params_dict
+from curate.workspace import BANK_KIND, BLEND_KIND
 
-BANK_SOURCE, BLEND_SOURCE = "sdas", "sdas_blend"
+# Each source is named after its kind; the workspace knows the kinds (side products).
+BANK_SOURCE, BLEND_SOURCE = BANK_KIND, BLEND_KIND
 SYNTHETIC = "synthetic"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -220,7 +225,7 @@ class SdasSample(Stage):
         return Manifest.build(rows, stage=self.name, stage_version=self.version,
                               params=self.recorded_params(params),
                               parents=[m.id for m in inputs],
-                              sources={BANK_SOURCE: {"kind": "sdas", "options": options}},
+                              sources={BANK_SOURCE: {"kind": BANK_KIND, "options": options}},
                               seed=ctx.seed, roots=self.roots(inputs, params))
 
 
@@ -498,6 +503,6 @@ class SdasBlend(Stage):
         return Manifest.build(
             rows, stage=self.name, stage_version=self.version, params=params_dict(params),
             parents=[m.id for m in inputs],
-            sources={BLEND_SOURCE: {"kind": "sdas_blend", "options": {
+            sources={BLEND_SOURCE: {"kind": BLEND_KIND, "options": {
                 "category": params.category, "bank": params.bank or "procedural"}}},
             seed=ctx.seed, roots=self.roots(inputs, params))
