@@ -221,7 +221,7 @@ def cli(debug: bool) -> None:
 
     \b
     Example (the real MTD data, then masks, then an MVTec-layout export):
-      curate ingest mtd ../shared/data/mtd -w ws
+      curate ingest mtd ~/data/Magnetic-tile-defect-datasets. -w ws
       curate labels -w ws
       curate export mvtec --out mtd-mvtec -w ws
     """
@@ -243,7 +243,7 @@ def ingest(kind, path, name, options, workspace, seed, jobs, as_json):
 
     \b
     Example:
-      curate ingest mtd ../shared/data/mtd --workspace ws
+      curate ingest mtd ~/data/Magnetic-tile-defect-datasets. --workspace ws
       curate ingest casting ./casting -o format=voc -w ws
     """
     from curate.stages.ingest import Ingest, IngestParams
@@ -711,17 +711,37 @@ def review_pull(name, workspace, seed, jobs, as_json):
 # ------------------------------------------------------------------------------- export
 @cli.group("export")
 def export_group() -> None:
-    """Write a manifest out in another layout."""
+    """Write a manifest (any version: an id, a unique prefix, default the latest) out in the
+    layout a tool reads.
+
+    \b
+    mvtec     the MVTec-AD tree (anomalib, most detectors)
+    realnet   the MVTec tree plus RealNet's sample lists in realnet/
+    realiad   the MVTec tree plus Real-IAD's JSON lists in realiad/
+    fiftyone  a FiftyOne dataset for the App (the same as `curate review push`)
+
+    Every file export is all or nothing, into a new or empty --out (or an earlier export
+    with --overwrite).
+    """
+
+
+def _export_options(fn: Callable) -> Callable:
+    """The options every file export shares."""
+    fn = click.option("--images", type=click.Choice(["png", "keep"]), default="png",
+                      show_default=True,
+                      help="Re-encode images as PNG (what MVTec loaders glob for), or copy the "
+                           "originals byte for byte in their own format (faster).")(fn)
+    fn = click.option("--overwrite", is_flag=True,
+                      help="Replace an earlier curate export of another manifest at --out "
+                           "(one of the same manifest is replaced without it).")(fn)
+    fn = click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+                      help="Folder to write (must be new, empty, or an earlier export with "
+                           "--overwrite).")(fn)
+    return click.argument("manifest", required=False)(fn)
 
 
 @export_group.command("mvtec")
-@click.argument("manifest", required=False)
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Folder to write (must be new, empty, or an earlier export with --overwrite).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier curate export at --out.")
-@click.option("--images", type=click.Choice(["png", "keep"]), default="png", show_default=True,
-              help="Re-encode images as PNG (what MVTec loaders glob for), or copy the "
-                   "originals byte for byte in their own format (faster).")
+@_export_options
 @common_options
 def export_mvtec_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as_json):
     """MVTec-AD layout: <Category>/{train,test}/<label>/*.png + ground_truth masks.
@@ -741,6 +761,58 @@ def export_mvtec_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as
     _show_export(report, out, as_json)
 
 
+def _export_with_lists(fmt: str, manifest, out, overwrite, images, workspace, seed, jobs,
+                       as_json) -> None:
+    """The MVTec tree and ``fmt``'s sample lists into --out, as `curate build` writes them:
+    the lists name files of the tree, so a list without its tree (or beside a tree of another
+    manifest) could not be loaded."""
+    from curate.build import export_manifest
+
+    with _context(workspace, seed, jobs, create=False, write=False) as ctx:
+        exports = export_manifest(ctx.workspace.load(manifest), ctx, out, [fmt],
+                                  overwrite=overwrite, images=images)
+    if as_json:
+        _emit_json(exports["mvtec"] | {"out": str(out), fmt: exports[fmt]})
+        return
+    _show_export(exports["mvtec"], out, as_json=False)
+    stdout.print(f"{fmt} sample lists: {len(exports[fmt])} files in {out / fmt}",
+                 highlight=False)
+
+
+@export_group.command("realnet")
+@_export_options
+@common_options
+def export_realnet_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as_json):
+    """The MVTec-AD tree plus RealNet's sample lists (realnet/train_<Category>.json, ...).
+
+    Point RealNet's image_dir at --out and its meta_file at --out/realnet/train_{}.json.
+
+    \b
+    Example (after a review round trip):
+      curate export realnet --out mtd-realnet -w ws
+    """
+    _export_with_lists("realnet", manifest, out, overwrite, images, workspace, seed, jobs,
+                       as_json)
+
+
+@export_group.command("realiad")
+@_export_options
+@common_options
+def export_realiad_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as_json):
+    """The MVTec-AD tree plus Real-IAD's JSON lists (realiad/<Category>.json).
+
+    \b
+    Example:
+      curate export realiad --out mtd-realiad -w ws
+    """
+    _export_with_lists("realiad", manifest, out, overwrite, images, workspace, seed, jobs,
+                       as_json)
+
+
+# The FiftyOne dataset is an export like the others: the same command under this group.
+export_group.add_command(review_push, "fiftyone")
+
+
 def _show_export(report: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         _emit_json({k: v for k, v in report.items() if k != "files"} | {"out": str(out)})
@@ -756,16 +828,15 @@ def _show_export(report: dict[str, Any], out: Path, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------------------- demo
-#: Where the real MTD lies in the development layout (a `shared/` folder beside the checkout).
-DEFAULT_MTD = Path("../shared/data/mtd")
-
-
 @cli.command()
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo"), show_default=True,
               help="Folder for the generated sources, the workspace and the export.")
-@click.option("--mtd", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The real MTD folder [default: ../shared/data/mtd when it exists].")
+@click.option("--mtd", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None,
+              help="Build from the real MTD in this folder  [default: the generated sample; "
+                   "run from the root of a curate checkout, the real MTD of the development "
+                   "data beside it when there]")
 @click.option("--no-mtd", is_flag=True, help="Use only the generated MTD sample.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the generated samples (the build itself uses the recipe's seed, "
@@ -774,33 +845,33 @@ DEFAULT_MTD = Path("../shared/data/mtd")
               show_default="number of CPUs, at most 8", help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def demo(out, mtd, no_mtd, seed, jobs, as_json):
-    """Build HSS-IAD end to end on a small generated sample of every source (and the real MTD).
+    """Build HSS-IAD end to end on a small generated sample of every source.
 
     Generates tiny datasets in the original layouts of KolektorSDD, KolektorSDD2, MTD,
-    Severstal and Casting under OUT/sources and runs `curate build hss-iad` on them (the real
-    MTD instead of the generated one when found): ingest, dedup, quality, foreground, labels,
-    label filter, casting reclassification, split; exports the MVTec layout, RealNet and
-    Real-IAD lists and the dataset card to OUT/export, and verifies the result. The
-    workspace is OUT/workspace.
+    Severstal and Casting under OUT/sources and runs `curate build hss-iad` on them: ingest,
+    dedup, quality, foreground, labels, label filter, casting reclassification, split;
+    exports the MVTec layout, RealNet and Real-IAD lists and the dataset card to OUT/export,
+    and verifies the result. The workspace is OUT/workspace. The real MTD replaces the
+    generated one with --mtd PATH (or, run from the root of a curate checkout, the
+    development data beside it); the demo says which MTD it used.
 
     \b
     Example:
       curate demo --out demo
     """
-    from curate.demo import RECIPE, run_demo
+    from curate.demo import RECIPE, choose_mtd, run_demo
     from curate.recipe import load_recipe
 
-    if mtd is None and not no_mtd and (DEFAULT_MTD / "MT_Free").is_dir():
-        mtd = DEFAULT_MTD
-    if no_mtd:
-        mtd = None
+    mtd, which_mtd = choose_mtd(mtd, no_mtd)
     recipe = load_recipe(RECIPE)
+    if not as_json:
+        stdout.print(which_mtd, highlight=False)
     with _context(out / "workspace", recipe.seed, jobs) as ctx:
-        result = run_demo(ctx, out, mtd=mtd.absolute() if mtd else None, seed=seed,
-                          recipe=recipe)
+        result = run_demo(ctx, out, mtd=mtd, seed=seed, recipe=recipe)
     b = result.build
     if as_json:
-        _emit_json({"manifest": b.manifest.id, "sources": b.sources, "missing": b.missing,
+        _emit_json({"manifest": b.manifest.id, "mtd": which_mtd, "sources": b.sources,
+                    "missing": b.missing,
                     "stages": [s.summary() for s in b.stages], "exports": b.exports,
                     "problems": result.problems})
     else:
@@ -823,8 +894,11 @@ def demo(out, mtd, no_mtd, seed, jobs, as_json):
               help="A folder written by `curate export mvtec`.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for card.md and its plots in card/  [default: the export folder]")
+@click.option("--recipe", default=None,
+              help="The recipe (name or YAML file) that built the manifest: the card names it "
+                   "and lists the recipe's sources the manifest lacks.")
 @common_options
-def card(manifest, export_dir, out, workspace, seed, jobs, as_json):
+def card(manifest, export_dir, out, recipe, workspace, seed, jobs, as_json):
     """Write a dataset card (card.md, plots in card/) describing an export.
 
     Images per category and split, defect areas and defect aspect ratios (as in Fig. 4 of
@@ -837,13 +911,16 @@ def card(manifest, export_dir, out, workspace, seed, jobs, as_json):
       curate card --export mtd-mvtec --workspace ws
     """
     from curate.export.report import read_report
-    from curate.report import write_card
+    from curate.recipe import load_recipe
+    from curate.report import missing_sources, write_card
 
     ws = Workspace.open(workspace, create=False)
     if manifest is None:
         manifest = read_report(export_dir)["manifest"]
     m = ws.load(manifest)
-    path = write_card(m, export_dir, ws.store, out)
+    r = load_recipe(recipe) if recipe else None
+    path = write_card(m, export_dir, ws.store, out, recipe=r and r.name,
+                      missing=r and missing_sources(r, m))
     if as_json:
         _emit_json({"card": str(path), "manifest": m.id, "export": str(export_dir)})
     else:
