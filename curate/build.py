@@ -83,11 +83,14 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
 
 
 def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
-               card: bool = True) -> dict[str, Any]:
+               card: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """The recipe's exports of the final manifest into ``out``, then the dataset card beside
-    them (see :func:`export_manifest`); the card names the recipe and its missing sources."""
+    them (see :func:`export_manifest`); the card names the recipe and its missing sources.
+
+    An earlier export at ``out`` is replaced as ``curate export`` replaces one: silently if it
+    was made from the same manifest (the build ran again), else only with ``overwrite``."""
     exports = export_manifest(result.manifest, ctx, out, recipe.exports, card=card,
-                              overwrite=True, recipe=recipe.name, missing=result.missing)
+                              overwrite=overwrite, recipe=recipe.name, missing=result.missing)
     result.exports = exports
     return exports
 
@@ -106,7 +109,7 @@ def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collec
     from curate.export.staging import staged
 
     exports: dict[str, Any] = {}
-    with staged(out, marker=MARKER, overwrite=overwrite) as tmp:
+    with staged(out, marker=MARKER, overwrite=overwrite, manifest=manifest.id) as tmp:
         def final(paths: list[Path]) -> list[str]:
             return [str(Path(out) / p.relative_to(tmp)) for p in paths]
 

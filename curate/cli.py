@@ -434,8 +434,12 @@ def _run_one(stage, manifest, params, workspace, seed, jobs, as_json, dry_run) -
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Export folder  [default: ./<recipe name>]")
 @click.option("--no-card", is_flag=True, help="Skip the dataset card.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier curate export of another manifest at --out (one of "
+                   "the same manifest is replaced without it).")
 @common_options
-def build_cmd(recipe, sources, explicit, out, no_card, workspace, seed, jobs, as_json):
+def build_cmd(recipe, sources, explicit, out, no_card, overwrite, workspace, seed, jobs,
+              as_json):
     """Build a dataset from a recipe: ingest, curate, split, export, card.
 
     RECIPE is a built-in name (hss-iad) or a YAML file; its seed is used unless --seed is
@@ -455,7 +459,8 @@ def build_cmd(recipe, sources, explicit, out, no_card, workspace, seed, jobs, as
         seed = r.seed
     with _context(workspace, seed, jobs) as ctx:
         result = build(r, ctx, sources, {k: Path(str(v)).expanduser() for k, v in pairs.items()})
-        exports = export_all(result, r, ctx, out or Path(r.name), card=not no_card)
+        exports = export_all(result, r, ctx, out or Path(r.name), card=not no_card,
+                             overwrite=overwrite)
     if as_json:
         _emit_json({"recipe": r.name, "manifest": result.manifest.id, "sources": result.sources,
                     "missing": result.missing, "stages": [s.summary() for s in result.stages],

@@ -12,7 +12,7 @@ from helpers import ingest, labels
 from curate import fixtures
 from curate.cli import cli
 from curate.errors import CurateError, ManifestError
-from curate.export.mvtec import export_mvtec, unique_names
+from curate.export.mvtec import export_mvtec, indexed_names
 from curate.files import sha256_file
 from curate.runner import run_stage
 from curate.schemas_io import load_schema, validate_recipe
@@ -68,12 +68,11 @@ def test_export_keep_copies_originals_byte_for_byte(ctx, sources, tmp_path):
         export_mvtec(m, tmp_path / "other", ctx, images="tiff")
 
 
-def test_export_names_are_unique_and_traceable():
-    rows = [{"source": "s", "path": p} for p in
-            ["kos01/Part0.jpg", "kos02/Part0.jpg", "kos02/Part1.jpg", "a b/x#1.png"]]
-    assert unique_names(rows) == ["kos01_Part0", "kos02_Part0", "Part1", "x_1"]
-    twins = [{"source": "one", "path": "x.png"}, {"source": "two", "path": "x.png"}]
-    assert unique_names(twins) == ["one_x", "two_x"]
+def test_export_names_are_mvtec_indices():
+    """Zero-padded like MVTec AD's own (000.png), wider only where a folder needs it; the
+    source of each file is in curate-export.json."""
+    assert indexed_names(3) == ["000", "001", "002"]
+    assert indexed_names(1001)[0] == "0000" and indexed_names(1001)[-1] == "1000"
 
 
 def test_demo_builds_all_seven_categories_from_generated_sources(tmp_path):
@@ -92,7 +91,9 @@ def test_demo_builds_all_seven_categories_from_generated_sources(tmp_path):
         assert any(label != "good" for label in splits["test"]), category
     export = tmp_path / "demo" / "export"
     assert (export / "card.md").is_file() and (export / "realnet").is_dir()
-    assert (export / "Casting_C1" / "foreground").is_dir()
+    # Foreground masks beside the categories, not in them (anomalib globs a category's tree).
+    assert (export / "foreground" / "Casting_C1").is_dir()
+    assert not (export / "Casting_C1" / "foreground").exists()
 
 
 @pytest.mark.parametrize("name", ["sample", "header", "recipe"])

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -28,7 +28,7 @@ from curate.build import BuildResult, export_all
 from curate.cli import cli
 from curate.errors import CurateError
 from curate.export import staging
-from curate.export.mvtec import MARKER, MAX_NAME, export_mvtec, unique_names
+from curate.export.mvtec import MARKER, export_mvtec, indexed_names
 from curate.imageio import decode
 from curate.manifest import Manifest
 from curate.recipe import load_recipe
@@ -84,7 +84,8 @@ def assert_exported_exactly(out: Path, manifest, root: Path, store) -> None:
 
 # ------------------------------------------------------------------ item 1: unique names
 def test_names_that_clean_alike_are_all_exported(ctx, mtd_root, tmp_path):
-    """`a b` and `a_b`, `ä` and `ö`, `A` and `a` each used to overwrite each other."""
+    """`a b` and `a_b`, `ä` and `ö`, `A` and `a` each used to overwrite each other; exported
+    files are numbered in order of source path, and the report traces each one back."""
     root = mtd_copy(mtd_root, tmp_path / "mtd",
                     {"MT_Crack": ["a b", "a_b", "ä", "ö", "Crack", "crack"], **FREE})
     manifest = labels(ctx, ingest(ctx, "mtd", root))
@@ -92,11 +93,12 @@ def test_names_that_clean_alike_are_all_exported(ctx, mtd_root, tmp_path):
     report = export_mvtec(manifest, out, ctx)
     assert report["counts"] == {CATEGORY: {"test": {"Crack": 6, "good": 2}}}
     crack = sorted(p.name for p in (out / CATEGORY / "test" / "Crack").iterdir())
-    assert crack == ["Crack.png", "a_b.png", "a_b_2.png", "crack_2.png", "x.png", "x_2.png"]
-    assert len(list((out / CATEGORY / "ground_truth" / "Crack").iterdir())) == 6
-    names = {e["path"]: PurePosixPath(e["file"]).stem for e in report["files"]}
-    assert names["MT_Crack/Imgs/a_b.jpg"] == "a_b"  # a name that needed no cleaning keeps it
-    assert names["MT_Crack/Imgs/a b.jpg"] == "a_b_2"
+    assert crack == [f"00{i}.png" for i in range(6)]
+    assert sorted(p.name for p in (out / CATEGORY / "ground_truth" / "Crack").iterdir()) == \
+        [f"00{i}_mask.png" for i in range(6)]
+    names = {e["path"]: e["file"] for e in report["files"]}
+    in_order = sorted(p for p in names if p.startswith("MT_Crack/"))
+    assert [names[p] for p in in_order] == [f"{CATEGORY}/test/Crack/00{i}.png" for i in range(6)]
     assert_exported_exactly(out, manifest, root, ctx.workspace.store)
 
 
@@ -119,7 +121,7 @@ def test_same_stem_in_two_formats_exports_both(ctx, mtd_root, tmp_path):
     report = export_mvtec(manifest, out, ctx)
     assert report["counts"] == {"Casting": {"test": {"good": 2}}}
     assert sorted(p.name for p in (out / "Casting" / "test" / "good").iterdir()) == \
-        ["000.png", "000_2.png"]
+        ["000.png", "001.png"]
     assert_exported_exactly(out, manifest, root, ctx.workspace.store)
 
 
@@ -156,7 +158,7 @@ def test_the_tree_is_checked_against_the_report_before_it_is_moved(ctx, labelled
         return written
 
     monkeypatch.setattr(mvtec, "export_sample", astray)
-    with pytest.raises(CurateError, match=rf"{out}/{CATEGORY}/test/Crack/c2.png.bak was written "
+    with pytest.raises(CurateError, match=rf"{out}/{CATEGORY}/test/Crack/002.png.bak was written "
                                           f"but is not listed in {MARKER}"):
         export_mvtec(manifest, out, ctx)
     assert not out.exists() and leftovers(out) == []
@@ -168,43 +170,21 @@ def test_the_tree_is_checked_against_the_report_before_it_is_moved(ctx, labelled
         return written
 
     monkeypatch.setattr(mvtec, "export_sample", lost)
-    with pytest.raises(CurateError, match=rf"{out}/{CATEGORY}/ground_truth/Crack/c2_mask.png is "
+    with pytest.raises(CurateError, match=rf"{out}/{CATEGORY}/ground_truth/Crack/002_mask.png is "
                                           f"listed in {MARKER} but was not written"):
         export_mvtec(manifest, out, ctx)
     assert not out.exists() and leftovers(out) == []
 
 
-_SEGMENT = st.text(alphabet="aA _ä.-0", min_size=1, max_size=6).filter(
-    lambda s: s not in (".", ".."))
-
-
-@given(st.lists(st.tuples(st.sampled_from(["s", "t"]),
-                          st.lists(_SEGMENT, min_size=1, max_size=3),
-                          st.sampled_from([".png", ".bmp", ".jpg"])),
-                max_size=12),
-       st.integers(min_value=0, max_value=3))
-def test_names_are_clean_and_unique_ignoring_case(samples, long):
-    rows = [{"source": source, "path": "/".join(parts) + ext}
-            for source, parts, ext in samples]
-    rows[:1] = [{**r, "path": "y" * (100 * long) + r["path"]} for r in rows[:1]]
-    rows = list({(r["source"], r["path"]): r for r in rows}.values())
-    names = unique_names(rows)
-    assert len({n.casefold() for n in names}) == len(rows)
-    for name in names:
-        assert mvtec._UNSAFE.search(name) is None and not name.startswith(".")
-        assert 0 < len(name) <= MAX_NAME + 8
-
-
-def test_traceable_names_are_kept():
-    rows = [{"source": "s", "path": p} for p in
-            ["kos01/Part0.jpg", "kos02/Part0.jpg", "kos02/Part1.jpg", "a b/x#1.png"]]
-    assert unique_names(rows) == ["kos01_Part0", "kos02_Part0", "Part1", "x_1"]
-    twins = [{"source": "one", "path": "x.png"}, {"source": "two", "path": "x.png"}]
-    assert unique_names(twins) == ["one_x", "two_x"]
-    # A longer tail only where it tells names apart; a suffix never takes another's name.
-    rows = [{"source": "s", "path": p} for p in ["d/x.png", "e/x.png", "d_x.png", "f/x y.png",
-                                                 "f/x_y.png", "f/x_y_2.png"]]
-    assert unique_names(rows) == ["d_x", "e_x", "d_x_2", "x_y_3", "x_y", "x_y_2"]
+@given(st.integers(min_value=1, max_value=20_000))
+def test_indexed_names_sort_alike_with_and_without_mask(count):
+    """Issue 17 item 2: loaders pair images with masks by sorting both lists; source stems of
+    different lengths sort differently with `_mask` (`a_1` < `a_12`, `a_1_mask` > `a_12_mask`)."""
+    names = indexed_names(count)
+    assert len(set(names)) == count and len(names[0]) >= 3
+    assert sorted(names) == names
+    assert sorted(f"{n}_mask.png" for n in names) == [f"{n}_mask.png" for n in names]
+    assert sorted(f"{n}.png" for n in names) == [f"{n}.png" for n in names]
 
 
 # ------------------------------------------------------------------ item 3: all or nothing

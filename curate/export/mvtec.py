@@ -1,28 +1,48 @@
 """Export a manifest in the MVTec-AD layout, which most anomaly-detection code reads.
 
-    <out>/<Category>/train/good/<name>.png
-    <out>/<Category>/test/good/<name>.png
-    <out>/<Category>/test/<defect>/<name>.png
-    <out>/<Category>/ground_truth/<defect>/<name>_mask.png
-    <out>/<Category>/foreground/<split>/<label>/<name>.png   when the foreground stage ran
+    <out>/<Category>/train/good/000.png
+    <out>/<Category>/test/good/000.png
+    <out>/<Category>/test/<defect>/000.png
+    <out>/<Category>/ground_truth/<defect>/000_mask.png
+    <out>/foreground/<Category>/<split>/<label>/000.png   when the foreground stage ran
     <out>/curate-export.json      which manifest, and which sample each file came from
 
-Kept samples only. A sample goes to its ``split`` (``test`` while no split has been assigned).
+Kept samples only. A good sample goes to its ``split`` (``test`` while no split has been
+assigned); a defective one always goes to ``test/<defect>``: the MVTec layout and its loaders
+know no anomalous training images (anomalib gives masks only to test images and fails on a
+defect folder under ``train/``), so a defect the manifest puts in train (a synthetic
+``sdas blend`` image, a reviewer's ``move:train``) is exported as a test anomaly.
+
 Images are written as PNG (official loaders glob ``*.png``), channels as in the source; with
 ``images="keep"`` they are copied byte for byte instead, keeping their format and extension
 (several times faster: no decoding or encoding, but only for loaders that accept any format).
-File names come from the source path, cleaned to ASCII letters, digits, '.', '-' and '_': the
-shortest tail of it that is unique within the folder (``exp1_num_10181``, ``kos01_Part0``), so
-every exported file can be traced back by eye; names are unique by construction, also when
-case is ignored (see :func:`unique_names`). ``curate-export.json`` maps each file to its
-sample id, source path and sha256.
+
+File names are zero-padded indices per folder, as in MVTec AD itself (``000.png`` and its mask
+``000_mask.png``; more digits where a folder holds more than 1,000 images), given in order of
+source and source path. Loaders pair images with masks by sorting both lists (anomalib's
+``MVTecAD`` and ``Folder``): names of one length sort the same with and without ``_mask``,
+which source stems of different lengths do not (``a_1.png`` < ``a_12.png`` but
+``a_1_mask.png`` > ``a_12_mask.png``). Names are unique by construction, also when case is
+ignored. ``curate-export.json`` maps each file (image, mask, foreground) to its sample id,
+source, source path and sha256, so every exported file can be traced back.
+
+Foreground masks live in their own top-level tree, mirroring the images' paths: anomalib's
+``MVTecAD`` globs every file under a category folder and would read foreground masks kept
+there as more images; no MVTec loader looks outside ``<out>/<Category>``, so a category may
+not be called ``foreground``.
+
+A defective sample without a usable mask, none at all or an empty one (a reviewer's ``keep``
+on a ``defect_without_mask`` sample), is never exported as a test anomaly: loaders would
+count it as a defect with no defect pixel. It is left out and listed under ``skipped`` in the
+report with the reason, and the CLI prints it.
 
 All or nothing: each original is checked against the sha256 recorded at ingest, the tree is
 written to a temporary folder beside ``out``, checked to hold exactly the files the report
 lists, and only then moved into place (:mod:`curate.export.staging`). An original that is
 missing or changed, a file that cannot be written (full disk, permissions) fail the whole
 export with one sentence naming the file. The only samples left out are those that cannot be
-exported by nature (a defective sample without a mask): the report lists them as skipped.
+exported by nature (a defective sample without a usable mask): the report lists them as
+skipped.
 """
 
 from __future__ import annotations
@@ -45,10 +65,11 @@ from curate.runner import Context, SampleEnv
 from curate.sources.base import GOOD
 
 MARKER = "curate-export.json"
+#: The top-level folder of the foreground masks (beside the categories, outside their trees).
+FOREGROUND = "foreground"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-#: Longest file name stem written: with "_mask.png", a "_<k>" suffix and the ".<pid>.tmp" of
-#: an atomic write it stays far below the 255 bytes file systems allow.
-MAX_NAME = 150
+#: Fewest digits of an exported file's index, as in MVTec AD (``000.png``).
+MIN_DIGITS = 3
 
 
 IMAGE_MODES = ("png", "keep")
@@ -64,64 +85,12 @@ def _safe(name: str) -> str:
     return _UNSAFE.sub("_", name).strip("._") or "x"
 
 
-def _fit(name: str) -> str:
-    """``name`` cut to :data:`MAX_NAME` characters, keeping its end (the file's own stem)."""
-    return name if len(name) <= MAX_NAME else _safe(name[-MAX_NAME:])
-
-
-def unique_names(rows: list[dict[str, Any]]) -> list[str]:
-    """For rows sharing one folder: a file name (without extension) for each, unique in the
-    folder even where case is ignored (exports are copied to macOS and Windows).
-
-    Names are cleaned first and made unique after, so two names that clean to the same one
-    (``a b`` and ``a_b``, ``ä`` and ``ö``) cannot end up as one file. Each name is the shortest
-    tail of the cleaned source path, '_'-joined, that tells it apart from the others
-    (``exp1_num_10181``, ``kos01_Part0``); two samples with the same path in two sources get
-    the source name in front; names still equal after that (files whose paths differ only in
-    characters cleaned away or in their extension, ``000.png`` and ``000.bmp``) get ``_2``,
-    ``_3``... in order of source and path, a name that needed no cleaning keeping its own.
-    """
-    paths = [PurePosixPath(r["path"]) for r in rows]
-    raw = [[*p.parent.parts, p.stem] for p in paths]
-    parts = [[_safe(part) for part in r] for r in raw]
-    whole = [tuple(part.casefold() for part in p) for p in parts]
-    depth = [1] * len(rows)
-    while True:
-        names = [_fit("_".join(p[-d:])) for p, d in zip(parts, depth, strict=True)]
-        # Only names shared by different cleaned paths can be told apart by a longer tail.
-        paths_named: dict[str, set[tuple[str, ...]]] = {}
-        for name, key in zip(names, whole, strict=True):
-            paths_named.setdefault(name.casefold(), set()).add(key)
-        grow = [i for i, n in enumerate(names)
-                if len(paths_named[n.casefold()]) > 1 and depth[i] < len(parts[i])]
-        if not grow:
-            break
-        for i in grow:
-            depth[i] += 1
-    sources_named: dict[str, set[str]] = {}
-    for name, row in zip(names, rows, strict=True):
-        sources_named.setdefault(name.casefold(), set()).add(row["source"])
-    names = [_fit(f"{_safe(r['source'])}_{n}") if len(sources_named[n.casefold()]) > 1 else n
-             for r, n in zip(rows, names, strict=True)]
-    faithful = ["_".join(r[-d:]) == n for r, d, n in zip(raw, depth, names, strict=True)]
-    return _numbered(names, sorted(range(len(rows)), key=lambda i: (
-        not faithful[i], rows[i]["source"], rows[i]["path"])))
-
-
-def _numbered(names: list[str], order: list[int]) -> list[str]:
-    """``names`` with every repeat (ignoring case) after the first, in ``order``, given the
-    first free ``_<k>`` suffix: a suffix never takes a name that another row has."""
-    wanted = {n.casefold() for n in names}
-    used: set[str] = set()
-    unique = list(names)
-    for i in order:
-        name, k = names[i], 1
-        while name.casefold() in used or (k > 1 and name.casefold() in wanted):
-            k += 1
-            name = f"{names[i]}_{k}"
-        used.add(name.casefold())
-        unique[i] = name
-    return unique
+def indexed_names(count: int) -> list[str]:
+    """The file names (without extension) of a folder of ``count`` images: ``000``, ``001``...
+    all of one length (at least :data:`MIN_DIGITS`), so they sort as their indices do, with or
+    without a ``_mask`` suffix."""
+    digits = max(MIN_DIGITS, len(str(count - 1)))
+    return [f"{i:0{digits}d}" for i in range(count)]
 
 
 def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
@@ -136,12 +105,43 @@ def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
     return folder
 
 
-def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
-    """One job per kept sample: the row plus where its image (and mask) go."""
+def _has_masks(kept: list[dict[str, Any]]) -> bool:
+    """Whether masks were made for these rows: the labels stage measured them, or a stage
+    that writes its own (``sdas blend``) stored one."""
+    return any("labels.mask_fraction" in r["measures"] or "mask" in r["artifacts"] for r in kept)
+
+
+def mask_is_usable(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
+    """Whether a defective sample's mask marks at least one defect pixel (else the reason)."""
+    if "mask" not in row["artifacts"]:
+        return {"unusable": f"{row['path']}: labelled {row['label']!r} but has no mask"}
+    if not env.store.read_mask(row["artifacts"]["mask"]).any():
+        return {"unusable": f"{row['path']}: labelled {row['label']!r} but its mask is empty"}
+    return {}
+
+
+def _unusable(defects: list[dict[str, Any]], manifest: Manifest, ctx: Context
+              ) -> dict[str, str]:
+    """sample id -> why, for the defective rows without a usable mask."""
+    env = ctx.env("export", None, manifest.roots)
+    results = ctx.map(mask_is_usable, defects, env, "export: masks")
+    _raise_failures(results)
+    return {row["sample_id"]: res["unusable"]
+            for row, res in zip(defects, results, strict=True) if "unusable" in res}
+
+
+def _plan(manifest: Manifest, images: str, ctx: Context
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One job per exported sample (the row plus where its image, mask and foreground go),
+    and the samples skipped for want of a usable mask (sample id, path, why)."""
     kept = [r for r in manifest.rows() if r["status"] == KEPT]
-    if kept and not any("labels.mask_fraction" in r["measures"] for r in kept):
+    if kept and not _has_masks(kept):
         raise CurateError(f"manifest {manifest.id} has no masks yet: run `curate labels` on it "
                           "before exporting")
+    unusable = _unusable([r for r in kept if (r["label"] or GOOD) != GOOD], manifest, ctx)
+    skipped = [{"sample_id": r["sample_id"], "path": r["path"], "why": unusable[r["sample_id"]]}
+               for r in sorted(kept, key=lambda r: (r["source"], r["path"]))
+               if r["sample_id"] in unusable]
     categories: dict[str, str] = {}
     # GOOD holds its folder from the start: a defect label that cleans to it ("Good",
     # "good!") would otherwise be exported as normal, without its mask.
@@ -149,30 +149,35 @@ def _plan(manifest: Manifest, images: str) -> list[dict[str, Any]]:
     folders: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in sorted(kept, key=lambda r: (r["category"], r["label"] or GOOD)):
         category = _folder(row["category"], "categories", categories, "")
+        if category.casefold() == FOREGROUND:
+            raise CurateError(f"category {row['category']!r} has the name of the folder the "
+                              f"export keeps foreground masks in ({FOREGROUND}/): rename the "
+                              "category")
         label = _folder(row["label"] or GOOD, "labels", labels.setdefault(category, {GOOD: GOOD}),
                         f" of category {row['category']!r}")
-        folders.setdefault((category, row["split"] or "test", label), []).append(row)
+        if row["sample_id"] in unusable:
+            continue
+        split = (row["split"] or "test") if label == GOOD else "test"
+        folders.setdefault((category, split, label), []).append(row)
     jobs = []
     for (category, split, label), rows in sorted(folders.items()):
-        for row, name in zip(rows, unique_names(rows), strict=True):
+        rows = sorted(rows, key=lambda r: (r["source"], r["path"]))
+        for row, name in zip(rows, indexed_names(len(rows)), strict=True):
             job = dict(row)
             ext = ".png" if images == "png" else PurePosixPath(row["path"]).suffix.lower()
             job["export_image"] = f"{category}/{split}/{label}/{name}{ext}"
             job["export_mask"] = (f"{category}/ground_truth/{label}/{name}_mask.png"
                                   if label != GOOD else None)
-            job["export_foreground"] = (f"{category}/foreground/{split}/{label}/{name}.png"
+            job["export_foreground"] = (f"{FOREGROUND}/{category}/{split}/{label}/{name}.png"
                                         if "foreground" in row["artifacts"] else None)
             jobs.append(job)
-    return jobs
+    return jobs, skipped
 
 
 def export_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Write one sample's image (and mask, foreground). Returns what was written, why it was
-    skipped (a labelled sample without a mask) or, under ``failed``, why the export cannot be
-    completed: an original that is missing or changed since ingest, a file that cannot be
-    written."""
-    if job["export_mask"] is not None and "mask" not in job["artifacts"]:
-        return {"skipped": f"{job['path']}: labelled {job['label']!r} but has no mask"}
+    """Write one sample's image (and mask, foreground). Returns what was written or, under
+    ``failed``, why the export cannot be completed: an original that is missing or changed
+    since ingest, a file that cannot be written."""
     original = env.source_path(job)
     try:
         data = env.read_source(job)
@@ -205,7 +210,7 @@ def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
     """Write ``manifest`` to ``out`` in the MVTec-AD layout; returns the export report.
 
     All or nothing: on any failure ``out`` is left as it was (see :mod:`.staging`)."""
-    with staged(out, marker=MARKER, overwrite=overwrite) as tmp:
+    with staged(out, marker=MARKER, overwrite=overwrite, manifest=manifest.id) as tmp:
         return write_mvtec(manifest, tmp, ctx, images=images)
 
 
@@ -216,14 +221,14 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
     exported raises :class:`CurateError`, naming the file."""
     if images not in IMAGE_MODES:
         raise CurateError(f"images must be one of {', '.join(IMAGE_MODES)}, got {images!r}")
-    jobs = _plan(manifest, images)
+    jobs, skipped = _plan(manifest, images, ctx)
     for parent in sorted({str(PurePosixPath(j[k]).parent) for j in jobs
                           for k in ("export_image", "export_mask", "export_foreground") if j[k]}):
         (folder / parent).mkdir(parents=True, exist_ok=True)
     env = ctx.env("export", ExportParams(out=str(folder), images=images), manifest.roots)
     results = ctx.map(export_sample, jobs, env, "export mvtec")
     _raise_failures(results)
-    report = _report(manifest, jobs, results, images)
+    report = _report(manifest, jobs, results, skipped, images)
     _check_tree(folder, report)
     try:
         atomic_write_text(folder / MARKER, json.dumps(report, indent=1, sort_keys=True) + "\n")
@@ -253,7 +258,7 @@ def _check_tree(folder: Path, report: dict[str, Any]) -> None:
         beside = {"mask": None if label == GOOD
                   else f"{category}/ground_truth/{label}/{stem}_mask.png",
                   "foreground": entry["foreground"] and
-                  f"{category}/foreground/{split}/{label}/{stem}.png"}
+                  f"{FOREGROUND}/{category}/{split}/{label}/{stem}.png"}
         for kind, expected in beside.items():
             if entry[kind] != expected:
                 raise CurateError(f"{folder / entry['file']}: its {kind} is {entry[kind]!r}, "
@@ -272,15 +277,11 @@ def _check_tree(folder: Path, report: dict[str, Any]) -> None:
         raise CurateError(f"{folder / rel} was written but is not listed in {MARKER}")
 
 
-def _report(manifest: Manifest, jobs: list[dict], results: list[dict], images: str
-            ) -> dict[str, Any]:
-    files, skipped = [], []
+def _report(manifest: Manifest, jobs: list[dict], results: list[dict],
+            skipped: list[dict[str, Any]], images: str) -> dict[str, Any]:
+    files = []
     counts: Counter[tuple[str, str, str]] = Counter()
     for job, res in zip(jobs, results, strict=True):
-        if "image" not in res:
-            why = res.get("skipped") or "; ".join(d for _, d in res.get("drop", []))
-            skipped.append({"sample_id": job["sample_id"], "path": job["path"], "why": why})
-            continue
         category, split, label = res["image"].split("/")[:3]
         counts[(category, split, label)] += 1
         files.append({"file": res["image"], "mask": res.get("mask"),

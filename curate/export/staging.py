@@ -9,6 +9,11 @@ longer alive on this host left beside the same ``out``; the host is in the name 
 folder on shared storage may belong to a live export on another machine. (A dead run's pid
 taken since by another process only delays the removal to a later run.)
 
+An earlier export is replaced only with ``overwrite`` (``--overwrite`` on ``curate export`` and
+``curate build``), except one of the same manifest: it is made again from the same data, so
+nothing is lost (a build run again, or resumed after a crash, ends as it would have). A folder
+that is not a curate export is never replaced.
+
 Replacing an earlier export takes two renames (``out`` to ``.<name>.curate-old-<host>-<pid>``,
 then the new tree to ``out``). Killed between the two, ``out`` is missing and the old
 folder holds the only complete export: the next run puts it back rather than removing it.
@@ -16,6 +21,7 @@ folder holds the only complete export: the next run puts it back rather than rem
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -66,15 +72,29 @@ def remove_orphans(out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_destination(out: Path, marker: str, overwrite: bool) -> None:
-    """``out`` must be new, empty, or (with ``overwrite``) an earlier export holding
-    ``marker``: an export never replaces a folder it did not write."""
+def exported_manifest(out: Path, marker: str) -> str | None:
+    """The manifest id recorded in the export at ``out``, or None if it cannot be read."""
+    try:
+        report = json.loads((out / marker).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    manifest = report.get("manifest") if isinstance(report, dict) else None
+    return manifest if isinstance(manifest, str) else None
+
+
+def check_destination(out: Path, marker: str, overwrite: bool, manifest: str | None = None
+                      ) -> None:
+    """``out`` must be new, empty, an earlier export (holding ``marker``) of the same
+    ``manifest``, or (with ``overwrite``) any earlier export: an export never replaces a
+    folder it did not write, nor another manifest's export unless told to."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / marker).is_file():
             raise CurateError(f"{out} exists and is not an earlier curate export: "
                               "choose an empty or new folder")
-        if not overwrite:
-            raise CurateError(f"{out} already holds a curate export: pass --overwrite to "
+        earlier = exported_manifest(out, marker)
+        if not overwrite and (manifest is None or earlier != manifest):
+            of = f" of manifest {earlier[:12]}" if earlier else ""
+            raise CurateError(f"{out} already holds a curate export{of}: pass --overwrite to "
                               "replace it")
 
 
@@ -84,16 +104,17 @@ def write_failure(exc: OSError, path: str | os.PathLike) -> str:
 
 
 @contextmanager
-def staged(out: str | os.PathLike, *, marker: str, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty folder to write the export of ``out`` into; when the block finishes,
-    the folder replaces ``out``. If the block raises, ``out`` is left as it was and the
+def staged(out: str | os.PathLike, *, marker: str, overwrite: bool,
+           manifest: str | None = None) -> Iterator[Path]:
+    """Yield an empty folder to write the export of ``manifest`` (an id) to ``out`` into; when
+    the block finishes, the folder replaces ``out`` (see :func:`check_destination`). If the block raises, ``out`` is left as it was and the
     folder is removed; an ``OSError`` becomes a :class:`CurateError` naming the file, and
     messages name files by their place in ``out``."""
     out = Path(out).absolute()
     tmp = aside(out, TMP, os.getpid())
     try:
         remove_orphans(out)
-        check_destination(out, marker, overwrite)
+        check_destination(out, marker, overwrite, manifest)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
