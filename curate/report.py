@@ -36,6 +36,7 @@ from curate.canonical import canonical_json
 from curate.export.report import read_report
 from curate.files import atomic_write_bytes, atomic_write_text
 from curate.manifest import KEPT, Manifest
+from curate.recipe import Recipe
 from curate.sources.base import GOOD
 from curate.sources.catalog import CATALOG
 from curate.store import Store
@@ -332,6 +333,14 @@ def _source_kinds(manifest: Manifest) -> set[str]:
 
 def _titles(kinds: Iterable[str]) -> str:
     return ", ".join(CATALOG[k].title if k in CATALOG else k for k in sorted(kinds))
+
+
+def missing_sources(recipe: Recipe, manifest: Manifest) -> dict[str, str]:
+    """The recipe's sources that ``manifest`` was not built from (kind -> why), for a card
+    written after the build (the build itself knows why each was missing)."""
+    kinds = _source_kinds(manifest)
+    return {s.kind: f"not among the sources of manifest {manifest.id}"
+            for s in recipe.sources if s.kind not in kinds}
 
 
 def _paper_comparison(manifest: Manifest) -> str:

@@ -157,6 +157,8 @@ def test_demo_from_another_folder_uses_the_generated_mtd_and_says_so(tmp_path, m
     assert ingested["written"] > 0
     card = (tmp_path / "demo" / "export" / "card.md").read_text()
     assert card.startswith("# Dataset card: hss-iad, built from") and "Incomplete" not in card
+    # All five of the paper's sources: its whole-dataset ratio is the one to compare with.
+    assert "the same sources as this dataset" in card
 
 
 def test_demo_with_mtd_path_builds_from_that_mtd(mtd_root, tmp_path, monkeypatch):

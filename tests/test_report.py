@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import ingest, labels
+from helpers import ingest, labels, mtd_subset
 from PIL import Image
 
 from curate import fixtures
@@ -185,3 +185,70 @@ def test_cli_writes_the_card_and_prints_its_path(built, tmp_path):
     result = CliRunner().invoke(cli, [*args[:2], str(tmp_path), *args[3:]])
     assert result.exit_code == 1
     assert "curate-export.json" in result.output
+
+
+# ------------------------------------------------------------ title, missing sources, the paper
+def test_title_names_the_recipe_and_the_sources_not_the_manifest_id(built, tmp_path):
+    card = write_card(built.manifest, built.export, built.workspace.store, tmp_path,
+                      recipe="hss-iad").read_text()
+    title = card.splitlines()[0]
+    assert title == ("# Dataset card: hss-iad, built from KolektorSDD, Magnetic-tile defect "
+                     "(MTD), MVTec-AD layout, Severstal: Steel Defect Detection (STEEL)")
+    assert table_rows(section(card, "Provenance"))["recipe"] == ["`hss-iad`"]
+    assert built.manifest.id in section(card, "Provenance")
+    bare = write_card(built.manifest, built.export, built.workspace.store, tmp_path).read_text()
+    assert bare.splitlines()[0] == title.replace("hss-iad, built from ", "")
+    assert "Incomplete" not in bare
+
+
+def test_missing_sources_are_listed_above_everything_with_why(built, tmp_path):
+    missing = {"casting": "no folder named casting under /downloads",
+               "kolektorsdd2": "no folder named KolektorSDD2 under /downloads"}
+    card = write_card(built.manifest, built.export, built.workspace.store, tmp_path,
+                      recipe="hss-iad", missing=missing).read_text()
+    top = card.split("## Provenance")[0]
+    assert "**Incomplete:** 2 of the sources of recipe `hss-iad` were missing" in top
+    assert "> - Casting surface defects (`casting`): no folder named casting under /downloads" \
+        in top
+    assert "> - KolektorSDD2 (`kolektorsdd2`): no folder named KolektorSDD2" in top
+
+
+def test_card_command_with_recipe_lists_the_recipes_sources_the_manifest_lacks(built, tmp_path):
+    result = CliRunner().invoke(cli, ["card", "--export", str(built.export), "--out",
+                                      str(tmp_path), "--recipe", "hss-iad",
+                                      "-w", str(built.workspace.root)])
+    assert result.exit_code == 0, result.output
+    top = (tmp_path / "card.md").read_text().split("## Provenance")[0]
+    assert top.startswith("# Dataset card: hss-iad, built from")
+    # hss-iad reads five sources; this manifest has three of them (and an MVTec folder).
+    assert "(`casting`): not among the sources of manifest" in top
+    assert "(`kolektorsdd2`): not among the sources of manifest" in top
+    assert "(`mtd`)" not in top and "(`severstal`)" not in top
+
+
+def test_paper_ratio_is_not_compared_with_a_dataset_of_other_sources(built, tmp_path):
+    card = write_card(built.manifest, built.export, built.workspace.store, tmp_path).read_text()
+    area = section(card, "Defect area")
+    assert "Anomalous-pixel ratio over all categories" in area
+    assert "3.0% for its whole dataset (Table I" in area
+    assert "so its figure is not comparable with the paper's" in area
+    assert "the same sources as this dataset" not in area
+
+
+def test_build_of_mtd_alone_names_the_missing_sources_and_does_not_compare(mtd_root, tmp_path):
+    """The card of the README (the real MTD built alone): four sources missing, and one
+    category's ratio not set against the paper's whole-dataset figure."""
+    subset = mtd_subset(mtd_root, tmp_path / "mtd",
+                        {"MT_Free": 4, "MT_Blowhole": 2, "MT_Crack": 2})
+    result = CliRunner().invoke(cli, ["build", "hss-iad", "--source", f"mtd={subset}",
+                                      "--out", str(tmp_path / "out"),
+                                      "-w", str(tmp_path / "ws"), "-j", "1"])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "out" / "card.md").read_text()
+    top = card.split("## Provenance")[0]
+    assert top.startswith("# Dataset card: hss-iad, built from Magnetic-tile defect (MTD)\n")
+    assert "**Incomplete:** 4 of the sources of recipe `hss-iad` were missing" in top
+    for kind in ("casting", "kolektorsdd", "kolektorsdd2", "severstal"):
+        assert f"(`{kind}`): " in top, kind
+    area = section(card, "Defect area")
+    assert "built from Magnetic-tile defect (MTD) only, so its figure is not comparable" in area
