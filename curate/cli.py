@@ -1017,6 +1017,9 @@ def sdas_group() -> None:
       curate sdas train --category Magnetic-tile-defect --out mtd-ddpm --steps 50000 -w ws
       curate sdas sample --category Magnetic-tile-defect --checkpoint mtd-ddpm -n 10000 -w ws
       curate sdas blend --category Magnetic-tile-defect --bank <bank id> -w ws
+      curate sdas export --bank <bank id> --out data/HSS-IAD/sdas -w ws
+
+    Banks and blends are side products: `latest` stays on the dataset; name them by id.
     """
 
 
@@ -1109,7 +1112,8 @@ def sdas_sample(manifest, category, checkpoint, n, steps, spacing, sampler, stre
 
     Each row records its seed, strength s, steps, sampler and the checkpoint's sha256. The
     bank's parent is MANIFEST (default: latest, if any). Resumable: a killed run continues,
-    and ends with the same files and manifest id as an uninterrupted one.
+    and ends with the same files and manifest id as an uninterrupted one. The bank is a side
+    product: `latest` stays on the dataset; name the bank by the id printed.
 
     \b
     Example:
@@ -1149,12 +1153,13 @@ def sdas_blend(manifest, category, bank, n, size, delta, workspace, seed, jobs, 
     """Blend anomalies into normal images: Perlin mask × foreground, written with their masks.
 
     A = (1 − M)·I + (1 − δ)·M·I + δ·M·P. MANIFEST (default: the bank's parent, else latest)
-    gives the normal images; the output can be reviewed with `curate review push`.
+    gives the normal images; the output can be reviewed with `curate review push <id>`. The
+    blend is a side product: `latest` stays on the dataset; name the blend by the id printed.
 
     \b
     Example:
       curate sdas blend --category Magnetic-tile-defect --bank 3f2a9c -w ws
-      curate review push -w ws
+      curate review push <blend id> -w ws
     """
     from curate.stages.sdas import SdasBlend
 
@@ -1187,9 +1192,10 @@ def _show_side_product(result: StageResult, what: str, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an earlier bank export at --out.")
 @common_options
 def sdas_export(banks, out, overwrite, workspace, seed, jobs, as_json):
-    """Write banks where RealNet reads them: OUT/<Category>/<index>.png, flat.
+    """Write banks in RealNet's SDAS folder layout.
 
-    Point RealNet's `sdas_dir` at OUT/{} (its config: data/<dataset>/sdas/{}).
+    Each bank's images go flat to OUT/<Category>/<index>.png; point RealNet's `sdas_dir` at
+    OUT/{} (its config: data/<dataset>/sdas/{}).
     OUT/curate-sdas.json maps each file to its bank, sample id, seed and strength. All or
     nothing: a failure leaves OUT as it was.
 
