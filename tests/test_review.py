@@ -22,6 +22,7 @@ from curate.errors import CurateError
 from curate.manifest import diff
 from curate.runner import Context, run_stage
 from curate.stages.dedup import Dedup, DedupParams
+from curate.stages.foreground import Foreground, ForegroundParams
 from curate.workspace import Workspace
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,7 @@ def reviewed(tmp_path_factory, mtd_root, fo):
     with Context(ws, jobs=1, progress=False) as ctx:
         m = labels(ctx, ingest(ctx, "mtd", root))
         m = run_stage(Dedup(), [m], DedupParams(radius=0, group_radius=0), ctx).manifest
+        m = run_stage(Foreground(), [m], ForegroundParams(), ctx).manifest
     return ws, m
 
 
@@ -91,6 +93,23 @@ def test_push_is_complete_and_idempotent(reviewed, fo):
     clusters = ds.load_saved_view("dedup-clusters")  # one dynamic group: the twin pair
     assert len(clusters) == 1 and ds.count("dedup_cluster") == 2
     assert ds.mask_targets["ground_truth"] == {255: "defect"}
+    # What the App shows without a click (issue 17 item 4): masks overlaid, label and tags on
+    # the tiles, width and height in the modal.
+    config = ds.app_config
+    assert set(config.active_fields.paths) == {"ground_truth", "foreground", "label",
+                                               "curate_tags"}
+    assert not config.active_fields.exclude
+    colours = {f["path"]: f["maskTargetsColors"] for f in config.color_scheme.fields}
+    assert set(colours) == {"ground_truth", "foreground"}
+    assert all(c[0]["intTarget"] == 255 for c in colours.values())
+    assert [c.label for c in twin.curate_tags.classifications] == twin.tags
+    assert sample.curate_tags is None  # a kept Crack image with no finding: nothing to show
+    assert Path(sample.foreground.mask_path).is_file()
+    assert ds.count("metadata") == len(ds)
+    import cv2
+
+    height, width = cv2.imread(sample.filepath).shape[:2]
+    assert (sample.metadata.width, sample.metadata.height) == (width, height)
 
 
 def test_round_trip_on_real_mtd(reviewed, fo):
@@ -211,14 +230,28 @@ def test_the_app_shows_the_dataset_in_a_real_browser(reviewed, fo, tmp_path):
         count = re.search(r'data-cy="entry-counts".*?entry-count-part[^>]*>([\d,]+)<', dom)
         assert "mtd-browser" in dom
         assert count and int(count.group(1).replace(",", "")) == len(m)
+        # The label and curate's tags are drawn on the tiles (issue 17 item 4).
+        assert 'title="label: Crack"' in dom and 'title="label: good"' in dom
+        assert 'title="curate_tags: reason:exact_duplicate"' in dom
         shot = tmp_path / "app.png"
         subprocess.run([chromium, *flags, "--window-size=1400,900", f"--screenshot={shot}",
                         url], capture_output=True, timeout=120)
         import cv2
+        import numpy as np
 
-        pixels = cv2.imread(str(shot), cv2.IMREAD_GRAYSCALE)
-        assert pixels is not None and pixels.shape == (900, 1400)
+        pixels = cv2.imread(str(shot))
+        assert pixels is not None and pixels.shape == (900, 1400, 3)
         assert pixels.std() > 10  # not a blank page
+        # MTD images are grey (R = G = B), and so is the App's background: any colour in the
+        # grid, right of the sidebar and below the toolbar, is drawn over the images.
+        plain = [cv2.imread(str(ws.source_file(m, r["source"], r["path"])))
+                 for r in m.row_list()[:4]]
+        assert all(np.ptp(image.astype(int), axis=2).max() == 0 for image in plain)
+        b, g, r = (pixels[150:, 310:, i].astype(int) for i in range(3))
+        defect = (r - np.maximum(g, b)) > 60  # the red defect overlay
+        veil = (b - r > 12) & (b - r < 60)  # the slate foreground overlay (label boxes: > 100)
+        assert defect.sum() > 500, f"no defect mask overlaid: {defect.sum()} red pixels"
+        assert veil.mean() > 0.1, f"no foreground overlaid: {veil.mean():.3f} of the grid"
         if os.environ.get("CURATE_KEEP_SCREENSHOT"):
             shutil.copy(shot, os.environ["CURATE_KEEP_SCREENSHOT"])
     finally:

@@ -11,7 +11,13 @@ drop), with:
   ``<stage>_<quantity>`` (``quality_blur_z``, ``dedup_sharpness``, ``labels_mask_fraction`` …);
 - tags: ``dropped``, ``reason:<code>`` for each drop reason and ``flag:<code>`` for each flag
   (curate's own tags, which ``curate review pull`` ignores; the reviewers' vocabulary is in
-  ``curate.review``);
+  ``curate.review``), repeated as the classifications of label field ``curate_tags``: the App
+  draws sample tags on the tiles only after a click in its sidebar, which no dataset setting
+  can make, while it draws any active label field;
+- ``metadata`` (width, height, size, type) from the image headers, for the App's modal;
+- the dataset's App settings: ``ground_truth`` (red), ``foreground`` (slate), ``curate_tags``
+  and ``label`` active, so the App opens with the masks overlaid and the label and tags on
+  every tile, in the grid, the saved views and the sample modal alike;
 - saved views: ``dropped-<code>`` per drop reason, ``flagged-<code>`` per flag, and
   ``dedup-clusters``: the samples of each duplicate cluster grouped side by side, so a reviewer
   can overrule the keep rule.
@@ -45,6 +51,14 @@ from curate.optional import require
 from curate.workspace import Workspace
 
 MASK_TARGETS = {"ground_truth": {255: "defect"}, "foreground": {255: "foreground"}}
+#: Sidebar fields switched on when the App opens. FiftyOne draws a segmentation only while its
+#: field is active, and by default it activates no segmentation and no plain field: a reviewer
+#: would see bare images.
+ACTIVE_FIELDS = ("curate_tags", "label", "ground_truth", "foreground")
+#: The defect in red over a muted foreground: a texture category's foreground is the whole
+#: image, and a saturated colour there would hide the defect under it.
+OVERLAY_COLOURS = {"ground_truth": "#ff2a00", "foreground": "#56708f"}
+OVERLAY_OPACITY = 0.5
 CURATE_TAGS = re.compile(r"^(dropped|reason:[a-z0-9_]+|flag:[a-z0-9_]+)$")
 
 
@@ -113,6 +127,7 @@ def push(workspace: Workspace, manifest: Manifest, name: str | None = None) -> P
         dataset.info = {"curate_manifest": manifest.id, "curate_workspace": workspace.id,
                         "curate_version": __version__}
         dataset.mask_targets = dict(MASK_TARGETS)
+        dataset.app_config = app_config(fo)
         dataset.save()
         return _complete(fo, dataset, workspace, manifest, set())
     except BaseException:
@@ -132,11 +147,29 @@ def _complete(fo, dataset, workspace: Workspace, manifest: Manifest, present: se
             if artifact in row["artifacts"]:
                 sample[field] = fo.Segmentation(
                     mask_path=str(workspace.store.path(row["artifacts"][artifact])))
+        if sample.tags:
+            sample["curate_tags"] = fo.Classifications(
+                classifications=[fo.Classification(label=tag) for tag in sample.tags])
         samples.append(sample)
     if samples:
         dataset.add_samples(samples, progress=False)
+    # The App's modal shows width and height from here (None without); it reads headers only.
+    dataset.compute_metadata(progress=False, warn_failures=False)
     views = _save_views(fo, dataset)
     return PushResult(dataset.name, manifest.id, len(samples), len(present), views)
+
+
+def app_config(fo):
+    """What the App shows without a click: the masks overlaid, the tags and label on tiles.
+    Set when the dataset is made, never again: a reviewer's own settings stay."""
+    config = fo.DatasetAppConfig()
+    config.active_fields = fo.ActiveFields(paths=list(ACTIVE_FIELDS))
+    config.color_scheme = fo.ColorScheme(
+        color_by="field", opacity=OVERLAY_OPACITY,
+        fields=[{"path": path, "fieldColor": colour,
+                 "maskTargetsColors": [{"intTarget": 255, "color": colour}]}
+                for path, colour in OVERLAY_COLOURS.items()])
+    return config
 
 
 def _save_views(fo, dataset) -> list[str]:
