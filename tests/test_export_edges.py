@@ -379,3 +379,60 @@ def test_a_category_named_like_a_list_folder_is_refused(ctx, mtd_root, tmp_path)
     with pytest.raises(CurateError, match="category 'RealNet' has the name of a folder"):
         export_all(result, load_recipe("hss-iad"), ctx, out, card=False)
     assert not out.exists() and not leftovers(out)
+
+
+# ------------------------------------------------------------------ issue 17
+def test_build_replaces_another_manifests_export_only_with_overwrite(ctx, mtd_root, tmp_path):
+    """Issue 17 item 6: `build --out` used to replace any earlier export silently while
+    `export mvtec` refused; now both replace one of the same manifest (made again from the
+    same data) and another manifest's only with --overwrite."""
+    root = mtd_copy(mtd_root, tmp_path / "mtd", {"MT_Crack": ["c0", "c1"],
+                                                 "MT_Free": [f"free{i}" for i in range(6)]})
+    out, ws = tmp_path / "out", str(ctx.workspace.root)
+
+    def build(*extra: str):
+        return CliRunner().invoke(cli, ["build", "hss-iad", "--source", f"mtd={root}", "--out",
+                                        str(out), "--no-card", "-w", ws, "-j", "1", *extra])
+
+    assert build().exit_code == 0
+    first = json.loads((out / MARKER).read_text())["manifest"]
+    assert build().exit_code == 0  # the same manifest again
+    before = tree_digest(out)
+    refused = build("--seed", "7")  # another split: another manifest
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {out} already holds a curate export of manifest {first[:12]}: pass "
+        "--overwrite to replace it"]
+    assert tree_digest(out) == before and leftovers(out) == []
+    assert build("--seed", "7", "--overwrite").exit_code == 0
+    assert json.loads((out / MARKER).read_text())["manifest"] != first
+    # export mvtec follows the same rule.
+    with pytest.raises(CurateError, match="already holds a curate export of manifest"):
+        export_mvtec(labels(ctx, ingest(ctx, "mtd", root)), out, ctx)
+
+
+def test_a_defect_with_an_empty_mask_is_skipped_not_exported(ctx, labelled, tmp_path):
+    """Issue 17 item 3: a reviewer's `keep` on a `defect_without_mask` sample left a defective
+    image with an all-zero mask in the export; it is skipped with its reason."""
+    root, manifest = labelled
+    rows = manifest.row_list()
+    emptied = next(r for r in rows if r["path"] == "MT_Crack/Imgs/c1.jpg")
+    emptied["artifacts"]["mask"] = ctx.workspace.store.put_mask(
+        np.zeros((emptied["height"], emptied["width"]), bool))
+    edited = Manifest.build(rows, stage="edit", stage_version="1", roots=manifest.roots)
+    out = tmp_path / "out"
+    report = export_mvtec(edited, out, ctx)
+    assert report["skipped"] == [{"sample_id": emptied["sample_id"], "path": emptied["path"],
+                                  "why": f"{emptied['path']}: labelled 'Crack' but its mask is "
+                                         "empty"}]
+    assert report["counts"] == {CATEGORY: {"test": {"Crack": 3, "good": 2}}}
+    assert emptied["sample_id"] not in {e["sample_id"] for e in report["files"]}
+    for entry in report["files"]:
+        if entry["mask"]:
+            assert decode((out / entry["mask"]).read_bytes()).any(), entry
+    ctx.workspace.save(edited)
+    result = CliRunner().invoke(cli, ["export", "mvtec", edited.id, "--out", str(tmp_path / "x"),
+                                      "-w", str(ctx.workspace.root), "-j", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"skipped {emptied['path']}: {emptied['path']}: labelled 'Crack' but its mask is " \
+           "empty" in " ".join(result.stdout.split())

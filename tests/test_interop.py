@@ -242,3 +242,33 @@ def test_stems_that_sort_apart_with_mask_are_paired_exactly(ctx, mtd_root, tmp_p
     export_mvtec(manifest, tmp_path / "out", ctx)
     module = load_mvtec(tmp_path / "out", CATEGORY)
     assert check_dataset(module.test_data, tmp_path / "out", {"mtd": root}, pixels=True) == 2
+
+
+def test_a_sdas_blend_exports_as_test_anomalies_anomalib_loads(ctx, mtd_root, tmp_path):
+    """Item 10: a blend's rows carry their masks (no `labels` run): the export takes them, as
+    test anomalies (anomalib reads no anomalous training image), each with its mask."""
+    from curate.stages.sdas import SdasBlend, SdasBlendParams
+
+    root = tmp_path / "mtd"
+    (root / "MT_Free" / "Imgs").mkdir(parents=True)
+    for jpg in sorted((mtd_root / "MT_Free" / "Imgs").glob("*.jpg"))[:3]:
+        for original in (jpg, jpg.with_suffix(".png")):
+            shutil.copyfile(original, root / "MT_Free" / "Imgs" / original.name)
+    normal = run_stage(stage_class("foreground")(), [ingest(ctx, "mtd", root)],
+                       ForegroundParams(), ctx).manifest
+    blend = run_stage(SdasBlend(), [normal], SdasBlendParams(category=CATEGORY, n=6, size=64),
+                      ctx).manifest
+    assert not any("labels.mask_fraction" in r["measures"] for r in blend.rows())
+    out = tmp_path / "out"
+    report = export_mvtec(blend, out, ctx)
+    assert report["written"] + len(report["skipped"]) == 6 and report["written"] > 0
+    assert report["counts"] == {CATEGORY: {"test": {"synthetic": report["written"]}}}
+    assert all(s["why"].endswith("but its mask is empty") for s in report["skipped"])
+    roots = {name: Path(path) for name, path in blend.roots.items()}
+    for entry in report["files"]:
+        row = next(r for r in blend.rows() if r["sample_id"] == entry["sample_id"])
+        assert (out / entry["mask"]).read_bytes() == \
+            ctx.workspace.store.read_bytes(row["artifacts"]["mask"])
+    module = anomalib_data.MVTecAD(root=out, category=CATEGORY, num_workers=0)
+    module.setup()
+    assert check_dataset(module.test_data, out, roots, pixels=True) == report["written"]
