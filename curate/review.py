@@ -6,7 +6,11 @@ The reviewers' vocabulary (sample tags in the App):
 ===================  =========================================================================
 ``drop``             drop the sample (reason ``reviewer_drop``)
 ``keep``             keep it: on a dropped sample, undo the drop (its reasons become
-                     ``overruled`` flags); on a kept one, nothing changes
+                     ``overruled`` flags); on a kept one, nothing changes. A dropped
+                     defective sample without a usable mask (none, or an empty one, as
+                     ``defect_without_mask`` finds) can be kept only as ``good``, with
+                     ``relabel:good``: an export would otherwise hold a test anomaly whose
+                     mask marks nothing
 ``mask-bad``         drop it because its mask is wrong (reason ``mask_bad``)
 ``relabel:<label>``  set the label (``good`` or a defect name); flagged ``relabelled``
 ``move:train``       put it in the training split (normal images only); flagged ``moved``
@@ -17,7 +21,8 @@ The reviewers' vocabulary (sample tags in the App):
 curate's own tags on pushed samples (``dropped``, ``reason:<code>``, ``flag:<code>``) are
 ignored. Any other tag is an error listing it; so are contradictions on one sample (``drop``
 with ``keep``, ``keep`` with ``mask-bad``, both moves, two labels, two categories) and an
-anomalous image sent to train, each naming the samples. A dataset pushed from another
+anomalous image sent to train, each naming the samples; so is a ``keep`` that would bring back
+a defective image without a usable mask. A dataset pushed from another
 workspace is refused: its manifest and store are not here.
 """
 
@@ -33,6 +38,7 @@ from curate.export.fiftyone import CURATE_TAGS, fiftyone_module
 from curate.manifest import DROPPED, KEPT, Manifest, drop, note
 from curate.runner import Context, Stage, StageResult, run_stage
 from curate.sources.base import GOOD
+from curate.store import Store
 from curate.workspace import Workspace
 
 STAGE = "review"
@@ -84,6 +90,36 @@ def check_decisions(decisions: dict[str, list[str]], rows: dict[str, dict[str, A
         raise CurateError(f"FiftyOne dataset {dataset!r} has contradictory tags on "
                           f"{len(clashes)} sample(s): {'; '.join(clashes[:10])}"
                           + (" …" if len(clashes) > 10 else ""))
+
+
+def missing_mask(row: dict[str, Any], store: Store) -> str | None:
+    """Why ``row`` has no usable defect mask ("no mask", "an empty mask"), or None."""
+    key = row["artifacts"].get("mask")
+    if key is None:
+        return "no mask"
+    return None if store.read_mask(key).any() else "an empty mask"
+
+
+def check_keeps(decisions: dict[str, list[str]], rows: dict[str, dict[str, Any]],
+                store: Store, dataset: str) -> None:
+    """Raise one CurateError naming every ``keep`` that would bring a dropped defective image
+    back without a usable mask (unless it is relabelled ``good`` with it)."""
+    refused = []
+    for sample_id, tags in sorted(decisions.items()):
+        row = rows[sample_id]
+        label = next((t.split(":", 1)[1] for t in tags if t.startswith("relabel:")),
+                     row["label"])
+        if "keep" not in tags or row["status"] != DROPPED or label == GOOD:
+            continue
+        why = missing_mask(row, store)
+        if why:
+            refused.append(f"{row['source']}:{row['path']} (labelled {label!r}, {why})")
+    if refused:
+        raise CurateError(f"FiftyOne dataset {dataset!r} keeps {len(refused)} defective "
+                          f"sample(s) without a usable mask: {'; '.join(refused[:10])}"
+                          + (" …" if len(refused) > 10 else "")
+                          + "; an export would hold anomalies whose masks mark nothing: add "
+                            "relabel:good to keep them as normal images, or take the keep off")
 
 
 def apply_decisions(row: dict[str, Any], tags: list[str], dataset: str) -> dict[str, Any]:
@@ -166,6 +202,7 @@ def pull(ctx: Context, name: str) -> StageResult:
         if mine:
             decisions[sample_id] = mine
     check_decisions(decisions, rows, name)
+    check_keeps(decisions, rows, ws.store, name)
     return run_stage(Review(), [manifest], ReviewParams(dataset=name, decisions=decisions), ctx)
 
 

@@ -1,9 +1,10 @@
-"""Review sessions on any manifest version (issue 16 item 7, issue 17 item 5).
+"""Review sessions on any manifest version (issue 16 item 7, issue 17 items 3 and 5).
 
 `curate review push` straight after `curate ingest` (as the README shows) or after `labels`
 must work: fields no stage has produced yet are absent, saved views that need them are not
 made; a push that fails leaves no half-made dataset; `review pull` reads it back, also when a
-sample's tags read back as None.
+sample's tags read back as None; a reviewer's keep cannot bring back a defective image without
+a usable mask.
 """
 
 from __future__ import annotations
@@ -123,3 +124,54 @@ def test_an_empty_dataset_a_killed_push_left_is_taken_over(chain, fo):  # noqa: 
     fo.Dataset("killed-early", persistent=True)  # created, then the push was killed
     assert push(ws, ingested, "killed-early").added == len(ingested)
     assert fo.load_dataset("killed-early").info["curate_manifest"] == ingested.id
+
+
+@pytest.fixture(scope="module")
+def empty_mask(tmp_path_factory, mtd_root, fo):  # noqa: F811
+    """A labels + label_filter manifest of one real MT_Uneven image whose mask is empty
+    (dropped as defect_without_mask) and one Crack image with its mask."""
+    from helpers import mtd_images
+
+    from curate.runner import run_stage
+    from curate.stages.label_filter import LabelFilter, LabelFilterParams
+
+    empty = mtd_root / "MT_Uneven" / "Imgs" / "exp3_num_45042.jpg"
+    if not empty.is_file():
+        pytest.skip(f"{empty} is not in this copy of MTD")
+    root = tmp_path_factory.mktemp("empty-mask") / "mtd"
+    for jpg in (empty, *mtd_images(mtd_root, "MT_Crack", 1)):
+        target = root / jpg.parent.parent.name / "Imgs"
+        target.mkdir(parents=True, exist_ok=True)
+        for original in (jpg, jpg.with_suffix(".png")):
+            (target / original.name).write_bytes(original.read_bytes())
+    ws = Workspace.open(tmp_path_factory.mktemp("ws") / "ws")
+    with Context(ws, jobs=1, progress=False) as ctx:
+        m = labels(ctx, ingest(ctx, "mtd", root))
+        m = run_stage(LabelFilter(), [m], LabelFilterParams(), ctx).manifest
+    (row,) = [r for r in m.rows() if r["path"].startswith("MT_Uneven/")]
+    assert [r["code"] for r in row["reasons"]] == ["defect_without_mask"]
+    return ws, m
+
+
+def test_keeping_a_defect_without_a_usable_mask_is_refused(empty_mask, fo):  # noqa: F811
+    """Issue 17 item 3: a keep would put an anomaly with an all-zero mask into the export."""
+    ws, m = empty_mask
+    invoke("review", "push", m.id, "--name", "empty-mask", "-w", ws.root)
+    ds = fo.load_dataset("empty-mask")
+    uneven = ds.match(fo.ViewField("label") == "Uneven").first()
+    uneven.tags = uneven.tags + ["keep"]
+    uneven.save()
+    before = len(ws.list())
+    out = invoke("review", "pull", "empty-mask", "-w", ws.root, code=1).output
+    assert len(out.strip().splitlines()) == 1 and "Traceback" not in out
+    assert "keeps 1 defective sample(s) without a usable mask" in out
+    assert "MT_Uneven/Imgs/exp3_num_45042.jpg (labelled 'Uneven', an empty mask)" in out
+    assert "relabel:good" in out
+    assert len(ws.list()) == before  # refused: no manifest written
+    uneven.tags = uneven.tags + ["relabel:good"]  # the reviewer says: not a defect after all
+    uneven.save()
+    (summary,) = json.loads(invoke("review", "pull", "empty-mask", "-w", ws.root,
+                                   "--json").stdout)
+    kept = {r["path"]: r for r in ws.load(summary["manifest"]).rows()}[uneven.path]
+    assert (kept["status"], kept["label"], kept["defect_classes"]) == ("kept", "good", [])
+    assert {f["code"] for f in kept["flags"]} >= {"overruled", "relabelled"}
