@@ -42,7 +42,7 @@ Not confirmed: RealNet's ``--class_name`` only accepts the categories of its fou
 and its foreground segmentation (``generate_target_foreground_mask``) raises for other
 categories, so training on a category of ours needs those two places extended in RealNet.
 A defective image without a mask would be read as defective everywhere; curate's MVTec
-export never lists one (it skips such samples).
+export never lists one, nor one whose mask is empty (it skips such samples).
 """
 
 from __future__ import annotations

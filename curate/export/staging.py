@@ -106,10 +106,11 @@ def write_failure(exc: OSError, path: str | os.PathLike) -> str:
 @contextmanager
 def staged(out: str | os.PathLike, *, marker: str, overwrite: bool,
            manifest: str | None = None) -> Iterator[Path]:
-    """Yield an empty folder to write the export of ``manifest`` (an id) to ``out`` into; when
-    the block finishes, the folder replaces ``out`` (see :func:`check_destination`). If the block raises, ``out`` is left as it was and the
-    folder is removed; an ``OSError`` becomes a :class:`CurateError` naming the file, and
-    messages name files by their place in ``out``."""
+    """Yield an empty folder to write an export into; when the block finishes, the folder
+    replaces ``out`` (which :func:`check_destination` allows for ``manifest``, the id of the
+    manifest exported). If the block raises, ``out`` is left as it was and the folder is
+    removed; an ``OSError`` becomes a :class:`CurateError` naming the file, and messages name
+    files by their place in ``out``."""
     out = Path(out).absolute()
     tmp = aside(out, TMP, os.getpid())
     try:
