@@ -112,11 +112,12 @@ def _has_masks(kept: list[dict[str, Any]]) -> bool:
 
 
 def mask_is_usable(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Whether a defective sample's mask marks at least one defect pixel (else the reason)."""
+    """Whether a defective sample's mask marks at least one defect pixel (else the reason,
+    which the report and the CLI show beside the sample's path)."""
     if "mask" not in row["artifacts"]:
-        return {"unusable": f"{row['path']}: labelled {row['label']!r} but has no mask"}
+        return {"unusable": f"labelled {row['label']!r} but has no mask"}
     if not env.store.read_mask(row["artifacts"]["mask"]).any():
-        return {"unusable": f"{row['path']}: labelled {row['label']!r} but its mask is empty"}
+        return {"unusable": f"labelled {row['label']!r} but its mask is empty"}
     return {}
 
 
