@@ -434,3 +434,15 @@ def test_a_defect_with_an_empty_mask_is_skipped_not_exported(ctx, labelled, tmp_
     assert result.exit_code == 0, result.output
     assert f"skipped {emptied['path']}: labelled 'Crack' but its mask is empty" in \
         " ".join(result.stdout.split())
+
+
+def test_a_category_named_like_the_foreground_tree_is_refused(ctx, mtd_root, tmp_path):
+    """Foreground masks live in <out>/foreground/ (issue 17 item 1): a category of that name
+    would mix its images with them."""
+    root = mtd_copy(mtd_root, tmp_path / "mtd", {"MT_Crack": ["c0"], **FREE})
+    manifest = labels(ctx, ingest(ctx, "mtd", root, category="Foreground"))
+    out = tmp_path / "out"
+    with pytest.raises(CurateError, match="category 'Foreground' has the name of the folder the "
+                                          "export keeps foreground masks in"):
+        export_mvtec(manifest, out, ctx)
+    assert not out.exists() and not leftovers(out)
