@@ -49,7 +49,7 @@ def test_push_and_pull_right_after_ingest_or_labels(chain, fo, stage):  # noqa: 
     m = ingested if stage == "ingest" else labelled
     name = f"early-{stage}"
     out = invoke("review", "push", m.id, "--name", name, "-w", ws.root, "--json")
-    assert name in out.stdout
+    assert json.loads(out.stdout)["dataset"] == name  # nothing but JSON on stdout
     ds = fo.load_dataset(name)
     assert len(ds) == len(m) and ds.info["curate_manifest"] == m.id
     assert not ds.has_saved_view("dedup-clusters")  # no dedup ran: nothing to group
@@ -175,3 +175,17 @@ def test_keeping_a_defect_without_a_usable_mask_is_refused(empty_mask, fo):  # n
     kept = {r["path"]: r for r in ws.load(summary["manifest"]).rows()}[uneven.path]
     assert (kept["status"], kept["label"], kept["defect_classes"]) == ("kept", "good", [])
     assert {f["code"] for f in kept["flags"]} >= {"overruled", "relabelled"}
+
+
+def test_push_logs_nothing(chain, fo, caplog):  # noqa: F811
+    """`review push --json` prints JSON only: FiftyOne logs "Computing metadata..." with a
+    handler on stdout."""
+    import logging
+
+    from curate.export.fiftyone import push
+
+    ws, _, labelled = chain
+    caplog.set_level(logging.INFO, logger="fiftyone")
+    push(ws, labelled, "quiet-push")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("fiftyone")] == []
+    assert fo.load_dataset("quiet-push").count("metadata") == len(labelled)

@@ -39,6 +39,7 @@ are set before FiftyOne is imported, by :func:`fiftyone_module`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -153,10 +154,22 @@ def _complete(fo, dataset, workspace: Workspace, manifest: Manifest, present: se
         samples.append(sample)
     if samples:
         dataset.add_samples(samples, progress=False)
-    # The App's modal shows width and height from here (None without); it reads headers only.
-    dataset.compute_metadata(progress=False, warn_failures=False)
+    _compute_metadata(dataset)
     views = _save_views(fo, dataset)
     return PushResult(dataset.name, manifest.id, len(samples), len(present), views)
+
+
+def _compute_metadata(dataset) -> None:
+    """Width, height, size and type of every image, for the App's modal (None without); from
+    the headers. Quietly: FiftyOne logs "Computing metadata..." on stdout, where `--json`
+    output goes."""
+    log = logging.getLogger("fiftyone.core.metadata")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        dataset.compute_metadata(progress=False, warn_failures=False)
+    finally:
+        log.setLevel(level)
 
 
 def app_config(fo):
