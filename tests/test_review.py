@@ -99,9 +99,10 @@ def test_push_is_complete_and_idempotent(reviewed, fo):
     assert set(config.active_fields.paths) == {"ground_truth", "foreground", "label",
                                                "curate_tags"}
     assert not config.active_fields.exclude
-    colours = {f["path"]: f["maskTargetsColors"] for f in config.color_scheme.fields}
-    assert set(colours) == {"ground_truth", "foreground"}
-    assert all(c[0]["intTarget"] == 255 for c in colours.values())
+    masks = {f["path"]: f["maskTargetsColors"] for f in config.color_scheme.fields
+             if "maskTargetsColors" in f}
+    assert set(masks) == {"ground_truth", "foreground"}
+    assert all(colours[0]["intTarget"] == 255 for colours in masks.values())
     assert [c.label for c in twin.curate_tags.classifications] == twin.tags
     assert sample.curate_tags is None  # a kept Crack image with no finding: nothing to show
     assert Path(sample.foreground.mask_path).is_file()

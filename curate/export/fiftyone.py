@@ -60,6 +60,9 @@ ACTIVE_FIELDS = ("curate_tags", "label", "ground_truth", "foreground")
 #: image, and a saturated colour there would hide the defect under it.
 OVERLAY_COLOURS = {"ground_truth": "#ff2a00", "foreground": "#56708f"}
 OVERLAY_OPACITY = 0.5
+#: The tiles' text boxes in colours of their own (FiftyOne would draw them from a pool that
+#: has red): on a tile, red means defect pixels.
+TILE_COLOURS = {"label": "#6a3fd6", "curate_tags": "#0b8f6a"}
 CURATE_TAGS = re.compile(r"^(dropped|reason:[a-z0-9_]+|flag:[a-z0-9_]+)$")
 
 
@@ -179,9 +182,10 @@ def app_config(fo):
     config.active_fields = fo.ActiveFields(paths=list(ACTIVE_FIELDS))
     config.color_scheme = fo.ColorScheme(
         color_by="field", opacity=OVERLAY_OPACITY,
-        fields=[{"path": path, "fieldColor": colour,
-                 "maskTargetsColors": [{"intTarget": 255, "color": colour}]}
-                for path, colour in OVERLAY_COLOURS.items()])
+        fields=[*({"path": path, "fieldColor": colour,
+                   "maskTargetsColors": [{"intTarget": 255, "color": colour}]}
+                  for path, colour in OVERLAY_COLOURS.items()),
+                *({"path": path, "fieldColor": colour} for path, colour in TILE_COLOURS.items())])
     return config
 
 
