@@ -255,6 +255,14 @@ def test_the_app_shows_the_dataset_in_a_real_browser(reviewed, fo, tmp_path):
         veil = (b - r > 12) & (b - r < 60)  # the slate foreground overlay (label boxes: > 100)
         assert defect.sum() > 500, f"no defect mask overlaid: {defect.sum()} red pixels"
         assert veil.mean() > 0.1, f"no foreground overlaid: {veil.mean():.3f} of the grid"
+        # The sample modal shows the image's width and height (it showed None).
+        crack = fo.load_dataset("mtd-browser").match(fo.ViewField("label") == "Crack").first()
+        height, width = cv2.imread(crack.filepath).shape[:2]
+        modal = subprocess.run([chromium, *flags, "--dump-dom", f"{url}?id={crack.id}"],
+                               capture_output=True, text=True, timeout=120).stdout
+        for value, name in ((width, "width"), (height, "height")):
+            assert re.search(rf'title="{value}">{value}<.{{0,300}}?metadata\.{name}', modal,
+                             re.S), f"the modal does not show {name} {value}"
         if os.environ.get("CURATE_KEEP_SCREENSHOT"):
             shutil.copy(shot, os.environ["CURATE_KEEP_SCREENSHOT"])
     finally:
