@@ -751,7 +751,11 @@ def _export_options(fn: Callable) -> Callable:
 def export_mvtec_cmd(manifest, out, overwrite, images, workspace, seed, jobs, as_json):
     """MVTec-AD layout: <Category>/{train,test}/<label>/*.png + ground_truth masks.
 
-    Kept samples only; a sample without a split goes to test.
+    Kept samples only; a sample without a split goes to test, and a defective one always
+    does (anomalib refuses defects under train/). Files are numbered per folder (000.png,
+    000_mask.png) so images and masks pair by sorting; curate-export.json maps each file to
+    its sample. A defective sample without a usable mask is skipped and listed. All or
+    nothing: a failure leaves --out as it was.
 
     \b
     Example:
