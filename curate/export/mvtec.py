@@ -81,7 +81,9 @@ class ExportParams:
     images: str = "png"
 
 
-def _safe(name: str) -> str:
+def clean_folder_name(name: str) -> str:
+    """A category or label as a portable folder name (ASCII letters, digits, '.', '_', '-'):
+    the SIA bank export names its class folders the same way, so RealNet's ``{}`` matches."""
     return _UNSAFE.sub("_", name).strip("._") or "x"
 
 
@@ -96,7 +98,7 @@ def indexed_names(count: int) -> list[str]:
 def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
     """The cleaned folder name for a category or label, refusing two values that would share
     one folder (after cleaning, or ignoring case): their samples would be mixed up."""
-    folder = _safe(value)
+    folder = clean_folder_name(value)
     other = taken.setdefault(folder.casefold(), value)
     if other != value:
         raise CurateError(f"{what} {other!r} and {value!r}{where} would both be exported to "

@@ -33,7 +33,7 @@ from typing import Any
 
 from curate import __version__
 from curate.errors import CurateError, UsageError
-from curate.export.mvtec import _safe as clean_folder_name
+from curate.export.mvtec import clean_folder_name
 from curate.export.staging import staged
 from curate.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.manifest import KEPT, Manifest
