@@ -4,7 +4,7 @@
         [--jobs 2] [--scratch DIR]
 
 The dataset: the real MTD plus altered copies of its images (JPEG re-encoded, brightened,
-contrast-stretched, resized, cropped, flipped, blurred: curate.planting), in MTD's own layout,
+contrast-stretched, resized, cropped, flipped, blurred: curate.testing.planting), in MTD's own layout,
 cut to the sizes asked for. For each size, one fresh build (a new workspace: nothing cached)
 runs as a subprocess — the whole command, with its exports and dataset card — while its
 process tree's resident memory is sampled every 50 ms; then every image of the same set is
@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from curate.planting import write_planted_mtd
+from curate.testing.planting import write_planted_mtd
 
 DEFAULT_MTD = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd"
 KINDS = ["jpeg", "brightness", "contrast", "resize", "crop", "hflip", "blur"]
@@ -77,7 +77,7 @@ def tree_rss(pid: int) -> tuple[int, int]:
 
 
 def timed_build(root: Path, scratch: Path, jobs: int) -> tuple[float, int, int]:
-    cmd = [sys.executable, "-m", "curate.cli", "build", "hss-iad", "--source", f"mtd={root}",
+    cmd = [sys.executable, "-m", "curate.app.cli", "build", "hss-iad", "--source", f"mtd={root}",
            "-w", str(scratch / "ws"), "--out", str(scratch / "export"), "-j", str(jobs)]
     peaks = [0, 0]
     start = time.perf_counter()

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.hamming import brute_force_pairs, pairs_within
-from curate.planting import write_planted_mtd
-from curate.runner import Context, run_stage
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
+from curate.imaging.hamming import brute_force_pairs, pairs_within
 from curate.stages.dedup import Dedup, DedupParams, hash_sample, near_edges
 from curate.stages.ingest import Ingest, IngestParams
-from curate.workspace import Workspace
+from curate.testing.planting import write_planted_mtd
 
 DEFAULT_MTD = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd"
 KINDS = ["jpeg", "resize", "brightness", "contrast", "crop", "hflip", "vflip"]

@@ -23,11 +23,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
 from curate.export.mvtec import export_mvtec
-from curate.runner import Context, run_stage
 from curate.stages.ingest import Ingest, IngestParams
 from curate.stages.labels import Labels, LabelsParams
-from curate.workspace import Workspace
 
 DEFAULT_MTD = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd"
 

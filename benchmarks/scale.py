@@ -87,11 +87,11 @@ class PeakRSS:
 
 def run_one(executor: str, source: Path, scratch: Path, jobs: int) -> dict:
     """Ingest (untimed for the comparison), then dedup + quality, timed; in this process."""
-    from curate.runner import Context, run_stage
+    from curate.engine.runner import Context, run_stage
+    from curate.engine.workspace import Workspace
     from curate.stages.dedup import Dedup, DedupParams
     from curate.stages.ingest import Ingest, IngestParams
     from curate.stages.quality import Quality, QualityParams
-    from curate.workspace import Workspace
 
     ws = Workspace.open(Path(tempfile.mkdtemp(prefix=f"ws-{executor}-", dir=scratch)))
     out: dict = {"executor": executor}

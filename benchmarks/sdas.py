@@ -1,6 +1,6 @@
 """SDAS sampling throughput: images per second at K reverse steps, per UNet and batch size.
 
-What is timed: :func:`curate.diffusion.sampler.sample` end to end (per-image CPU generators,
+What is timed: :func:`curate.stages.sdas.sampler.sample` end to end (per-image CPU generators,
 every model call, the SDAS update, the copy back), after warm-up runs. For models too slow to
 run K steps here (the full ADM on a CPU), ``--steps`` can be smaller: the per-step time is
 measured and the throughput at ``--at`` steps (20) is projected from it.
@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curate.diffusion.adm import ADMUNet, realnet_config  # noqa: E402
-from curate.diffusion.models import PRESETS, build_model, preset  # noqa: E402
-from curate.diffusion.sampler import RespacedSchedule, base_betas, sample  # noqa: E402
+from curate.stages.sdas.adm import ADMUNet, realnet_config  # noqa: E402
+from curate.stages.sdas.models import PRESETS, build_model, preset  # noqa: E402
+from curate.stages.sdas.sampler import RespacedSchedule, base_betas, sample  # noqa: E402
 
 OFFICIAL_NO_GUIDANCE = 3.19  # img/s, H100, ADM 256 px, batch 16, fp32, 20 steps
 

@@ -27,8 +27,8 @@ import numpy as np
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from curate.imageio import decode_file
-from curate.stages.ssfilter import SSFilterParams, run_filter
+from curate.imaging.io import decode_file
+from curate.stages.ssfilter.stage import SSFilterParams, run_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MTD = ROOT.parent / "shared" / "data" / "mtd"

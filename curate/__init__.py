@@ -1,6 +1,6 @@
 """curate: build, curate and benchmark industrial anomaly-detection datasets.
 
-A dataset is a chain of immutable manifests (see ``curate.manifest``): readers under
+A dataset is a chain of immutable manifests (see ``curate.core.manifest``): readers under
 ``curate.sources`` ingest a source folder into a first manifest, stages under ``curate.stages``
 each derive a new one, and exporters under ``curate.export`` write the result out.
 """

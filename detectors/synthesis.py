@@ -12,7 +12,7 @@
 - :func:`anomaly_mask`: RealNet's training mask, a Perlin mask times the foreground mask.
 
 All randomness comes from the ``numpy.random.Generator`` passed in. numpy (and OpenCV for the
-rotation) only: `curate sdas blend` (through `curate.diffusion.perlin`) and the RealNet detector
+rotation) only: `curate sdas blend` (curate.stages.sdas) and the RealNet detector
 share this code, and `detectors` never imports `curate`.
 """
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from curate.runner import Context
-from curate.workspace import Workspace
+from curate.engine.runner import Context
+from curate.engine.workspace import Workspace
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 

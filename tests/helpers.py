@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.files import sha256_file, walk_files
-from curate.fixtures import Fixture
-from curate.manifest import Manifest, new_row
-from curate.runner import Context, Stage, map_samples, run_stage
+from curate.core.files import sha256_file, walk_files
+from curate.core.manifest import Manifest, new_row
+from curate.engine.runner import Context, Stage, map_samples, run_stage
 from curate.stages.ingest import Ingest, IngestParams
 from curate.stages.labels import Labels, LabelsParams
+from curate.testing.fixtures import Fixture
 
 
 def ingest(ctx: Context, kind: str, root: Path, source: str = "", **options):
@@ -38,7 +38,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def assert_every_file_accounted_for(manifest, root: Path) -> None:
     """Each entry under ``root`` the walk finds (a file it lists, or an entry it leaves out:
-    see ``curate.files.walk_files``) is a row's image, a row's mask or annotation file, or
+    see ``curate.core.files.walk_files``) is a row's image, a row's mask or annotation file, or
     listed in the inventory (annotation files, unpaired, ignored): nothing vanishes."""
     (inventory,) = manifest.header["inventory"].values()
     rows = manifest.row_list()
@@ -153,7 +153,7 @@ def tiny_diffusion_checkpoint(folder: Path, size: int = 16) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from curate.diffusion.models import build_model, preset, write_model_json
+    from curate.stages.sdas.models import build_model, preset, write_model_json
 
     folder.mkdir(parents=True, exist_ok=True)
     arch, config = preset("unet2d-tiny")

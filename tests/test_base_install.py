@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import mtd_subset
 
-from curate.optional import EXTRAS, MissingExtra, require
+from curate.core.optional import EXTRAS, MissingExtra, require
 
-CURATE = [sys.executable, "-m", "curate.cli"]
+CURATE = [sys.executable, "-m", "curate.app.cli"]
 OPTIONAL = ("torch", "torchvision", "transformers", "diffusers", "fiftyone", "ray")
 BLOCKER = f"""
 import sys

@@ -20,11 +20,11 @@ from click.testing import CliRunner  # noqa: E402
 from helpers import ingest, labels, mtd_subset  # noqa: E402
 
 import detectors  # noqa: E402
-from curate.cli import cli  # noqa: E402
+from curate.app.cli import cli  # noqa: E402
+from curate.engine.runner import Context, run_stage  # noqa: E402
+from curate.engine.workspace import Workspace  # noqa: E402
 from curate.export.mvtec import export_mvtec  # noqa: E402
-from curate.runner import Context, run_stage  # noqa: E402
 from curate.stages.split import Split, SplitParams  # noqa: E402
-from curate.workspace import Workspace  # noqa: E402
 from detectors.base import Detector, Geometry  # noqa: E402
 from detectors.bench import METRIC_KEYS, run_bench  # noqa: E402
 from detectors.data import DatasetError, read_mvtec  # noqa: E402

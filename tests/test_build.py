@@ -14,15 +14,15 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from curate import fixtures
-from curate.build import build, export_all
-from curate.cli import cli
-from curate.errors import CurateError
-from curate.files import walk_files
-from curate.recipe import builtin_recipes, load_recipe
-from curate.runner import Context
+from curate.app.build import build, export_all
+from curate.app.cli import cli
+from curate.app.recipe import builtin_recipes, load_recipe
+from curate.core.errors import CurateError
+from curate.core.files import walk_files
+from curate.engine.runner import Context
+from curate.engine.workspace import Workspace
 from curate.sources.discover import discover
-from curate.workspace import Workspace
+from curate.testing import fixtures
 
 KINDS = ["kolektorsdd", "kolektorsdd2", "casting", "mtd", "severstal"]
 
@@ -150,7 +150,7 @@ def test_a_killed_build_resumes_to_the_same_manifest(tmp_path, sources, mtd_root
     clean = json.loads(invoke(*args, "-w", tmp_path / "clean", "--out",
                               tmp_path / "clean-out").stdout)
     ws = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "curate.cli", *args, "-w", str(ws), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "curate.app.cli", *args, "-w", str(ws), "--out",
                              str(tmp_path / "killed-out")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, labels
 
-from curate import fixtures
-from curate.cli import cli
-from curate.errors import CurateError, ManifestError
+from curate.app.cli import cli
+from curate.core.errors import CurateError, ManifestError
+from curate.core.files import sha256_file
+from curate.core.schemas import load_schema, validate_recipe
+from curate.engine.runner import run_stage
 from curate.export.mvtec import export_mvtec, indexed_names
-from curate.files import sha256_file
-from curate.runner import run_stage
-from curate.schemas_io import load_schema, validate_recipe
 from curate.stages.merge import Merge, MergeParams
+from curate.testing import fixtures
 
 
 @pytest.fixture

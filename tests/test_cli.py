@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from curate.cli import cli
-from curate.manifest import HEADER_KEY
+from curate.app.cli import cli
+from curate.core.manifest import HEADER_KEY
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import curate.cli
-from curate.cli import StageDefault, cli, main
+import curate.app.cli
+from curate.app.cli import StageDefault, cli, main
+from curate.engine.workspace import Workspace
 from curate.sources.discover import discover
 from curate.stages.dedup import DedupParams
-from curate.workspace import Workspace
 
 
 def invoke(*args, code=0, env=None):
@@ -64,7 +64,7 @@ def test_a_full_disk_during_build_is_one_sentence_naming_the_file(tmp_path, mtd_
     """A real file-size limit (the first manifest is larger than it): exit 1 and one line
     naming the file and the system's reason, the traceback only with --debug."""
     ws = tmp_path / "ws"
-    argv = [sys.executable, "-m", "curate.cli", *(["--debug"] if debug else []), "build",
+    argv = [sys.executable, "-m", "curate.app.cli", *(["--debug"] if debug else []), "build",
             "hss-iad", "--source", f"mtd={mtd_copy}", "-w", str(ws), "-o", str(tmp_path / "out"),
             "-j", "1"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
@@ -86,7 +86,7 @@ def test_no_space_left_names_the_manifest_being_written(tmp_path, mtd_copy, monk
         raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space "
                                     "left on device")
 
-    monkeypatch.setattr("curate.manifest.pq.write_table", full_disk)
+    monkeypatch.setattr("curate.core.manifest.pq.write_table", full_disk)
     result = invoke("ingest", "mtd", mtd_copy, "-w", tmp_path / "ws", code=1)
     line = _one_error_line(result.stderr)
     assert f"no space left on device while writing {tmp_path / 'ws' / 'manifests'}" in line
@@ -173,7 +173,7 @@ def test_dedup_option_defaults_are_the_stage_params_defaults(tmp_path, monkeypat
     assert f"[default: {DedupParams.group_radius}" in command.get_help(ctx).replace("\n", " ")
     # What reaches the stage: its defaults; a larger --radius pulls the group radius along.
     seen = []
-    monkeypatch.setattr(curate.cli, "_run_one", lambda stage, m, params, *a: seen.append(params))
+    monkeypatch.setattr(curate.app.cli, "_run_one", lambda stage, m, params, *a: seen.append(params))
     for args in ([], ["--radius", "20"], ["--radius", "3", "--group-radius", "5"]):
         CliRunner().invoke(cli, ["dedup", "-w", str(tmp_path), "--json", *args])
     assert seen[0] == DedupParams()

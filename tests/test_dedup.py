@@ -12,12 +12,12 @@ import pytest
 from helpers import by_path, ingest
 from PIL import Image
 
-from curate import perceptual
-from curate.planting import write_planted_mtd
-from curate.runner import Context, run_stage
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
+from curate.imaging import phash
 from curate.stages.dedup import Dedup, DedupParams, cluster_summary, grey_for_hashing
 from curate.stages.merge import Merge, MergeParams
-from curate.workspace import Workspace
+from curate.testing.planting import write_planted_mtd
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ def distinct(mtd_root: Path, candidates: list[str], count: int, apart: int = 20)
     MTD photographs each tile under several exposures, which are near duplicates)."""
     chosen, hashes = [], []
     for rel in candidates:
-        h = perceptual.hashes(Image.open(mtd_root / rel))[0]
-        if all(perceptual.hamming(h, o) > apart for o in hashes):
+        h = phash.hashes(Image.open(mtd_root / rel))[0]
+        if all(phash.hamming(h, o) > apart for o in hashes):
             chosen.append(rel)
             hashes.append(h)
         if len(chosen) == count:
@@ -48,8 +48,8 @@ def test_phash_and_dhash_match_imagehash_on_real_images(mtd_root):
         distances = []
         for rel in paths:
             grey = Image.open(mtd_root / rel).convert("L")
-            ours = perceptual.hashes(grey, method)[0]
-            distances.append(perceptual.hamming(ours, int(str(reference(grey)), 16)))
+            ours = phash.hashes(grey, method)[0]
+            distances.append(phash.hamming(ours, int(str(reference(grey)), 16)))
         # Measured: identical on all of them. Allow a tie with the median to flip one bit.
         assert Counter(distances)[0] >= 0.99 * len(paths), (method, Counter(distances))
         assert max(distances) <= 1
@@ -59,14 +59,14 @@ def test_flip_hashes_equal_hashes_of_flipped_images(mtd_root):
     turns = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
              "rot180": Image.Transpose.ROTATE_180, "rot90": Image.Transpose.ROTATE_90,
              "transpose": Image.Transpose.TRANSPOSE}
-    names = perceptual.transform_names("dihedral")
+    names = phash.transform_names("dihedral")
     for rel in mtd_images(mtd_root, "Fray"):
         grey = Image.open(mtd_root / rel).convert("L")
         for method in ("phash", "dhash"):
-            turned = perceptual.hashes(grey, method, "dihedral")
+            turned = phash.hashes(grey, method, "dihedral")
             for name, op in turns.items():
-                direct = perceptual.hashes(grey.transpose(op), method)[0]
-                d = perceptual.hamming(turned[names.index(name)], direct)
+                direct = phash.hashes(grey.transpose(op), method)[0]
+                d = phash.hamming(turned[names.index(name)], direct)
                 # Flips are exact; 90-degree turns of a non-square thumbnail within a few bits.
                 assert d == 0 if "flip" in name or name == "rot180" or method == "dhash" \
                     else d <= 6, (rel, method, name, d)
@@ -81,11 +81,11 @@ def test_reduced_decode_stays_close_to_imagehash(mtd_root):
         data = (mtd_root / rel).read_bytes()
         width, height = Image.open(mtd_root / rel).size
         grey = grey_for_hashing({"width": width, "height": height}, data, "reduced")
-        ours = perceptual.hashes(Image.fromarray(grey))[0]
-        distances.append(perceptual.hamming(ours, int(str(imagehash.phash(
+        ours = phash.hashes(Image.fromarray(grey))[0]
+        distances.append(phash.hamming(ours, int(str(imagehash.phash(
             Image.open(mtd_root / rel))), 16)))
         exact = grey_for_hashing({"width": width, "height": height}, data, "full")
-        assert perceptual.hashes(Image.fromarray(exact))[0] == int(str(imagehash.phash(
+        assert phash.hashes(Image.fromarray(exact))[0] == int(str(imagehash.phash(
             Image.open(mtd_root / rel))), 16)
     assert np.median(distances) <= 2 and np.mean(np.array(distances) <= 8) >= 0.93
 
@@ -93,9 +93,9 @@ def test_reduced_decode_stays_close_to_imagehash(mtd_root):
 def test_hex_form_is_imagehash_form():
     bits = np.zeros(64, bool)
     bits[0] = True
-    assert perceptual.to_hex(perceptual.pack_bits(bits)) == "8000000000000000"
+    assert phash.to_hex(phash.pack_bits(bits)) == "8000000000000000"
     with pytest.raises(ValueError, match="transforms"):
-        perceptual.transform_names("mirror")
+        phash.transform_names("mirror")
 
 
 # ------------------------------------------------------------------------- the stage

@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, labels, mtd_subset, tree_digest
 
-from curate.cli import cli, review_push
-from curate.demo import checkout_mtd, choose_mtd
+from curate.app.cli import cli, review_push
+from curate.app.demo import checkout_mtd, choose_mtd
+from curate.core.manifest import KEPT, drop
+from curate.engine.runner import Context
+from curate.engine.workspace import Workspace
 from curate.export.mvtec import MARKER
-from curate.manifest import KEPT, drop
-from curate.runner import Context
-from curate.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 

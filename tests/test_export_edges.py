@@ -22,16 +22,16 @@ from helpers import ingest, labels, tree_digest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import curate.export.index as export_report
 import curate.export.mvtec as mvtec
-import curate.export.report as export_report
-from curate.build import BuildResult, export_all
-from curate.cli import cli
-from curate.errors import CurateError
+from curate.app.build import BuildResult, export_all
+from curate.app.cli import cli
+from curate.app.recipe import load_recipe
+from curate.core.errors import CurateError
+from curate.core.manifest import Manifest
 from curate.export import staging
 from curate.export.mvtec import MARKER, export_mvtec, indexed_names
-from curate.imageio import decode
-from curate.manifest import Manifest
-from curate.recipe import load_recipe
+from curate.imaging.io import decode
 
 CATEGORY = "Magnetic-tile-defect"
 
@@ -236,7 +236,7 @@ def test_the_cli_on_a_file_size_limit_exits_1_with_one_sentence(ctx, labelled, t
         resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))  # masks fit, images not
 
     done = subprocess.run(
-        [sys.executable, "-m", "curate.cli", "export", "mvtec", manifest.id, "--out", str(out),
+        [sys.executable, "-m", "curate.app.cli", "export", "mvtec", manifest.id, "--out", str(out),
          "--overwrite", "-w", str(ctx.workspace.root), "-j", "1"],
         capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120)
     assert done.returncode == 1, done.stderr
@@ -252,7 +252,7 @@ def test_the_cli_on_a_file_size_limit_exits_1_with_one_sentence(ctx, labelled, t
 _HELD_EXPORT = """
 import os, sys, time
 import curate.export.mvtec as mvtec
-from curate.cli import main
+from curate.app.cli import main
 real = mvtec.export_sample
 def held(job, env):
     if job["path"] == os.environ["HOLD_AT"]:

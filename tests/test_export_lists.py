@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from helpers import ingest, labels
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
 from curate.export.mvtec import MARKER, export_mvtec
 from curate.export.realiad import export_realiad
 from curate.export.realnet import export_realnet
-from curate.fixtures import write_mvtec
+from curate.testing.fixtures import write_mvtec
 
 EXPORTERS = {"realnet": export_realnet, "realiad": export_realiad}
 

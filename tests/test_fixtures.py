@@ -12,7 +12,8 @@ from helpers import (
     tree_digest,
 )
 
-from curate.fixtures import (
+from curate.imaging.io import decode_file, probe
+from curate.testing.fixtures import (
     FOLDERS,
     write_all,
     write_casting,
@@ -22,7 +23,6 @@ from curate.fixtures import (
     write_mvtec,
     write_severstal,
 )
-from curate.imageio import decode_file, probe
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curate.hamming import (
+from curate.imaging.hamming import (
     BLOCKS,
     block_thresholds,
     brute_force_pairs,

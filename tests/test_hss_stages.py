@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from helpers import by_path, ingest, labels
 
-from curate import fixtures
-from curate.errors import CurateError
-from curate.manifest import Manifest, new_row
-from curate.runner import Context, run_stage
-from curate.stages.foreground import Foreground, ForegroundParams, otsu_foreground
+from curate.core.errors import CurateError
+from curate.core.manifest import Manifest, new_row
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
+from curate.stages.foreground.stage import Foreground, ForegroundParams, otsu_foreground
 from curate.stages.label_filter import LabelFilter, LabelFilterParams
 from curate.stages.reclassify import Reclassify, ReclassifyParams
 from curate.stages.split import Split, SplitParams, assign
-from curate.workspace import Workspace
+from curate.testing import fixtures
 
 
 # ------------------------------------------------------------------------- label filter
@@ -159,7 +159,7 @@ def test_isnet_backend_needs_its_weights(ctx, tmp_path):
 
 def test_isnet_backend_runs_on_random_weights(ctx, tmp_path):
     torch = pytest.importorskip("torch", reason="the IS-Net backend needs torch")
-    from curate.isnet import ISNetDIS
+    from curate.stages.foreground.isnet import ISNetDIS
 
     torch.manual_seed(0)
     weights = tmp_path / "isnet-random.pth"

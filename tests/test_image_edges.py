@@ -14,8 +14,8 @@ import pytest
 from helpers import ingest, mtd_images
 from test_mask_edges import png_header_only
 
-from curate.imageio import MAX_PIXELS, BadImage, decode, jpeg_cut_short, probe
-from curate.runner import run_stage
+from curate.engine.runner import run_stage
+from curate.imaging.io import MAX_PIXELS, BadImage, decode, jpeg_cut_short, probe
 from curate.stages.quality import Quality, QualityParams
 
 

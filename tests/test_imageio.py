@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from curate.imageio import BadImage, binarize, decode, encode_png, probe
+from curate.imaging.io import BadImage, binarize, decode, encode_png, probe
 
 
 def jpeg(pixels: np.ndarray) -> bytes:

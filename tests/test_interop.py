@@ -22,14 +22,14 @@ from click.testing import CliRunner
 from helpers import ingest, labels
 from test_export_lists import _realiad_reads, _realnet_reads
 
-from curate.cli import cli
+from curate.app.cli import cli
+from curate.engine.runner import run_stage
 from curate.export.mvtec import FOREGROUND, MARKER, export_mvtec
 from curate.export.realiad import export_realiad
 from curate.export.realnet import export_realnet
-from curate.imageio import decode
-from curate.runner import run_stage
+from curate.imaging.io import decode
 from curate.stages import stage_class
-from curate.stages.foreground import ForegroundParams
+from curate.stages.foreground.stage import ForegroundParams
 from curate.stages.split import SplitParams
 
 pytestmark = pytest.mark.slow
@@ -186,8 +186,8 @@ def mtd_export(tmp_path_factory, mtd_root) -> tuple[Path, dict[str, Path], dict]
                     os.link(original, target)
                 except OSError:
                     shutil.copyfile(original, target)
-    from curate.runner import Context
-    from curate.workspace import Workspace
+    from curate.engine.runner import Context
+    from curate.engine.workspace import Workspace
 
     with Context(Workspace.open(base / "ws"), jobs=2, progress=False) as ctx:
         manifest = ingest(ctx, "mtd", root)
@@ -247,7 +247,7 @@ def test_stems_that_sort_apart_with_mask_are_paired_exactly(ctx, mtd_root, tmp_p
 def test_a_sdas_blend_exports_as_test_anomalies_anomalib_loads(ctx, mtd_root, tmp_path):
     """Item 10: a blend's rows carry their masks (no `labels` run): the export takes them, as
     test anomalies (anomalib reads no anomalous training image), each with its mask."""
-    from curate.stages.sdas import SdasBlend, SdasBlendParams
+    from curate.stages.sdas.stage import SdasBlend, SdasBlendParams
 
     root = tmp_path / "mtd"
     (root / "MT_Free" / "Imgs").mkdir(parents=True)

@@ -48,11 +48,11 @@ from helpers import ingest, labels
 from hypothesis import HealthCheck, given, note, settings
 from treegen import LAYOUTS, UNPRIVILEGED, Tree, build_tree, trees
 
-from curate.cli import cli
-from curate.errors import CurateError
+from curate.app.cli import cli
+from curate.core.errors import CurateError
+from curate.engine.runner import Context
+from curate.engine.workspace import Workspace
 from curate.export.mvtec import MARKER, export_mvtec
-from curate.runner import Context
-from curate.workspace import Workspace
 
 
 def examples(n: int) -> settings:

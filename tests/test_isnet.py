@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch (curate[detectors]) is needed for IS-Net")
 
-from curate.errors import CurateError  # noqa: E402
-from curate.isnet import ISNetDIS, confidence, foreground_probability, load_isnet  # noqa: E402
+from curate.core.errors import CurateError  # noqa: E402
+from curate.stages.foreground.isnet import ISNetDIS, confidence, foreground_probability, load_isnet  # noqa: E402
 
 LAYOUT = (Path(__file__).resolve().parents[1].parent / "shared" / "data"
           / "checkpoint-layouts" / "isnet.json")

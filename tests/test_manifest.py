@@ -7,9 +7,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from curate.canonical import canonical_float, canonical_json
-from curate.errors import ManifestError
-from curate.manifest import HEADER_KEY, Manifest, diff, drop, new_row, sample_id_for
+from curate.core.canonical import canonical_float, canonical_json
+from curate.core.errors import ManifestError
+from curate.core.manifest import HEADER_KEY, Manifest, diff, drop, new_row, sample_id_for
 
 
 def rows(n=5):

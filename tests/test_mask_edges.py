@@ -19,8 +19,8 @@ import pytest
 from helpers import ingest, labels, mtd_images
 from PIL import Image
 
-from curate.imageio import MAX_PIXELS, binarize, decode
-from curate.masks import AnnotationError, read_mask
+from curate.imaging.io import MAX_PIXELS, binarize, decode
+from curate.imaging.masks import AnnotationError, read_mask
 
 
 def png(pixels: np.ndarray, mode: str | None = None, palette: list[int] | None = None) -> bytes:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from curate.masks import (
+from curate.imaging.masks import (
     AnnotationError,
     box_mask,
     check_box_inside,

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from helpers import by_path, ingest, labels
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
+from curate.core.files import sha256_file, walk_files
+from curate.engine.runner import Context
+from curate.engine.verify import verify
+from curate.engine.workspace import Workspace
 from curate.export.mvtec import export_mvtec
-from curate.files import sha256_file, walk_files
-from curate.imageio import binarize, decode_file
-from curate.runner import Context
-from curate.verify import verify
-from curate.workspace import Workspace
+from curate.imaging.io import binarize, decode_file
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import by_path, ingest
 
-from curate.cli import cli
-from curate.planting import write_planted_mtd
-from curate.runner import Context, run_stage
+from curate.app.cli import cli
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
 from curate.stages.quality import Quality, QualityParams, robust_z
-from curate.workspace import Workspace
+from curate.testing.planting import write_planted_mtd
 
 pytestmark = pytest.mark.slow
 

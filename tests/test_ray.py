@@ -28,13 +28,13 @@ from helpers import (  # noqa: E402
     tiny_diffusion_checkpoint,
 )
 
-from curate.errors import CurateError  # noqa: E402
-from curate.manifest import drop  # noqa: E402
-from curate.runner import Context, Stage, map_samples, run_stage  # noqa: E402
+from curate.core.errors import CurateError  # noqa: E402
+from curate.core.manifest import drop  # noqa: E402
+from curate.engine.runner import Context, Stage, map_samples, run_stage  # noqa: E402
+from curate.engine.workspace import Workspace  # noqa: E402
 from curate.stages.dedup import Dedup, DedupParams  # noqa: E402
 from curate.stages.label_filter import LabelFilter, LabelFilterParams  # noqa: E402
 from curate.stages.quality import Quality, QualityParams  # noqa: E402
-from curate.workspace import Workspace  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_ray_options_without_ray_executor_are_refused(tmp_path):
 def test_cli_executor_options(ray_runtime, mtd_root, tmp_path):
     from click.testing import CliRunner
 
-    from curate.cli import cli
+    from curate.app.cli import cli
 
     source = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 3, "MT_Crack": 2})
     runner = CliRunner()
@@ -226,7 +226,7 @@ def test_a_gpu_stage_runs_its_samples_on_gpu_tasks(ray_runtime, tmp_path):
 
 def test_sdas_bank_is_the_same_from_ray_tasks(ray_runtime, tmp_path):
     pytest.importorskip("diffusers")
-    from curate.stages.sdas import SdasSample, SdasSampleParams
+    from curate.stages.sdas.stage import SdasSample, SdasSampleParams
 
     checkpoint = tiny_diffusion_checkpoint(tmp_path / "ckpt")
     params = SdasSampleParams(category="tile", checkpoint=str(checkpoint), n=5, steps=2,
@@ -247,7 +247,7 @@ def test_sdas_bank_is_the_same_from_ray_tasks(ray_runtime, tmp_path):
 
 def test_ssfilter_is_the_same_from_ray_tasks(ray_runtime, mtd_root, tmp_path):
     pytest.importorskip("torch")
-    from curate.stages.ssfilter import SSFilter, SSFilterParams
+    from curate.stages.ssfilter.stage import SSFilter, SSFilterParams
 
     source = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 10, "MT_Crack": 2})
     params = SSFilterParams(kappa1=3, kappa2=0, batch_size=4, device="cpu")
@@ -267,7 +267,7 @@ def test_bench_trains_its_models_as_ray_tasks(ray_runtime, mtd_root, tmp_path):
     torch = pytest.importorskip("torch")
     from click.testing import CliRunner
 
-    from curate.cli import cli
+    from curate.app.cli import cli
     from curate.export.mvtec import export_mvtec
     from curate.stages.split import Split, SplitParams
 

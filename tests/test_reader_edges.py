@@ -14,11 +14,11 @@ from click.testing import CliRunner
 from helpers import assert_every_file_accounted_for, by_path, ingest, labels, reasons
 from PIL import Image
 
-from curate import fixtures
-from curate.cli import cli
-from curate.errors import UsageError
-from curate.fixtures import write_casting, write_kolektorsdd, write_mvtec, write_severstal
-from curate.masks import AnnotationError, rle_decode
+from curate.app.cli import cli
+from curate.core.errors import UsageError
+from curate.imaging.masks import AnnotationError, rle_decode
+from curate.testing import fixtures
+from curate.testing.fixtures import write_casting, write_kolektorsdd, write_mvtec, write_severstal
 
 
 def png(path: Path, height: int, width: int) -> None:

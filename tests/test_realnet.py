@@ -306,11 +306,11 @@ def test_official_checkpoint_loads_strictly(trained, tmp_path, monkeypatch):
 def test_curate_bench_realnet_end_to_end(mtd_root, tmp_path):
     from helpers import ingest, labels
 
-    from curate.cli import cli
+    from curate.app.cli import cli
+    from curate.engine.runner import Context, run_stage
+    from curate.engine.workspace import Workspace
     from curate.export.mvtec import export_mvtec
-    from curate.runner import Context, run_stage
     from curate.stages.split import Split, SplitParams
-    from curate.workspace import Workspace
 
     source = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 8, "MT_Blowhole": 2,
                                                       "MT_Crack": 2})

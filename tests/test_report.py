@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from helpers import ingest, labels, mtd_subset
 from PIL import Image
 
-from curate import fixtures
-from curate.cli import cli
-from curate.errors import CurateError
-from curate.export.mvtec import export_mvtec
-from curate.manifest import KEPT, Manifest, drop
-from curate.report import (
+from curate.app.cli import cli
+from curate.core.errors import CurateError
+from curate.core.manifest import KEPT, Manifest, drop
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
+from curate.export.card import (
     AREA_FIGURE,
     ASPECT_FIGURE,
     COUNTS_FIGURE,
@@ -26,9 +26,9 @@ from curate.report import (
     region_aspect_ratios,
     write_card,
 )
-from curate.runner import Context, run_stage
+from curate.export.mvtec import export_mvtec
 from curate.stages.merge import Merge, MergeParams
-from curate.workspace import Workspace
+from curate.testing import fixtures
 
 KINDS = ("kolektorsdd", "mtd", "severstal", "mvtec")
 

@@ -17,13 +17,13 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, labels
 
-from curate.cli import cli
-from curate.errors import CurateError
-from curate.manifest import diff
-from curate.runner import Context, run_stage
+from curate.app.cli import cli
+from curate.core.errors import CurateError
+from curate.core.manifest import diff
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
 from curate.stages.dedup import Dedup, DedupParams
-from curate.stages.foreground import Foreground, ForegroundParams
-from curate.workspace import Workspace
+from curate.stages.foreground.stage import Foreground, ForegroundParams
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_round_trip_on_real_mtd(reviewed, fo):
 
 def test_unknown_and_contradictory_tags_and_foreign_datasets(reviewed, fo, tmp_path):
     from curate.export.fiftyone import push
-    from curate.review import pull
+    from curate.stages.review import pull
 
     ws, m = reviewed
     push(ws, m, "mtd-bad-tags")
@@ -210,7 +210,7 @@ def test_the_app_shows_the_dataset_in_a_real_browser(reviewed, fo, tmp_path):
     invoke("review", "push", m.id, "--name", "mtd-browser", "-w", ws.root)
     port = _free_port()
     app = subprocess.Popen(
-        [sys.executable, "-m", "curate.cli", "review", "open", "mtd-browser", "--port",
+        [sys.executable, "-m", "curate.app.cli", "review", "open", "mtd-browser", "--port",
          str(port), "-w", str(ws.root)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ)
     url = f"http://127.0.0.1:{port}/datasets/mtd-browser"

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from helpers import ingest, labels, mtd_subset
 from test_review import fo  # noqa: F401 - the module's FiftyOne on its own database
 
-from curate.cli import cli
-from curate.errors import CurateError
-from curate.review import reviewer_tags
-from curate.runner import Context
-from curate.workspace import Workspace
+from curate.app.cli import cli
+from curate.core.errors import CurateError
+from curate.engine.runner import Context
+from curate.engine.workspace import Workspace
+from curate.stages.review import reviewer_tags
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_tags_read_back_as_none_are_no_tags(chain, fo):  # noqa: F811
     assert reviewer_tags(None) == []
     ws, ingested, _ = chain
     from curate.export.fiftyone import push
-    from curate.review import pull
+    from curate.stages.review import pull
 
     push(ws, ingested, "none-tags")
     ds = fo.load_dataset("none-tags")
@@ -132,7 +132,7 @@ def empty_mask(tmp_path_factory, mtd_root, fo):  # noqa: F811
     (dropped as defect_without_mask) and one Crack image with its mask."""
     from helpers import mtd_images
 
-    from curate.runner import run_stage
+    from curate.engine.runner import run_stage
     from curate.stages.label_filter import LabelFilter, LabelFilterParams
 
     empty = mtd_root / "MT_Uneven" / "Imgs" / "exp3_num_45042.jpg"

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from curate.errors import CurateError, UnsafePathError
-from curate.files import check_relative, safe_join
-from curate.manifest import Manifest, new_row
-from curate.runner import Context, Stage, apply_update, make_params, map_samples, run_stage
-from curate.workspace import Workspace
+from curate.core.errors import CurateError, UnsafePathError
+from curate.core.files import check_relative, safe_join
+from curate.core.manifest import Manifest, new_row
+from curate.engine.runner import Context, Stage, apply_update, make_params, map_samples, run_stage
+from curate.engine.workspace import Workspace
 
 
 def seed_manifest(n=12) -> Manifest:
@@ -140,7 +140,7 @@ def test_store_is_content_addressed_and_checked(tmp_path):
     assert ws.store.check(key) is None
     path = ws.store.path(key)
     os.chmod(path, 0o644)
-    from curate.imageio import encode_png
+    from curate.imaging.io import encode_png
 
     path.write_bytes(encode_png(np.zeros((5, 5), np.uint8)))
     assert "changed on disk" in ws.store.check(key)

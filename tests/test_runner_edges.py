@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, mtd_subset, truncate
 
-from curate.cli import cli
-from curate.runner import Context, run_stage
+from curate.app.cli import cli
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
 from curate.stages.quality import Quality, QualityParams
-from curate.workspace import Workspace
 
-CURATE = [sys.executable, "-m", "curate.cli"]
+CURATE = [sys.executable, "-m", "curate.app.cli"]
 #: Bound against hanging forever on a loaded machine, not a measurement.
 PATIENCE_S = 120
 
@@ -103,7 +103,7 @@ def test_watchdog_ends_a_worker_whose_parent_died():
     """The fallback where PR_SET_PDEATHSIG does not exist: a thread that watches the parent."""
     script = """
 import os, time
-from curate.runner import _exit_when_orphaned
+from curate.engine.runner import _exit_when_orphaned
 pid = os.fork()
 if pid == 0:
     os.close(1); os.close(2)  # (the test reads both to their end)

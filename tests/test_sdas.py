@@ -19,27 +19,27 @@ pytest.importorskip("safetensors")
 from click.testing import CliRunner  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from curate.cli import cli  # noqa: E402
-from curate.diffusion.adm import ADMUNet, AttentionBlock, realnet_config, tiny_config  # noqa: E402
-from curate.diffusion.checkpoints import (  # noqa: E402
+from curate.app.cli import cli  # noqa: E402
+from curate.core.manifest import Manifest, new_row  # noqa: E402
+from curate.engine.runner import run_stage  # noqa: E402
+from curate.imaging.io import decode_file, encode_png  # noqa: E402
+from curate.stages.sdas.adm import ADMUNet, AttentionBlock, realnet_config, tiny_config  # noqa: E402
+from curate.stages.sdas.checkpoints import (  # noqa: E402
     CheckpointError,
     adm_config_for,
     compare_layout,
     load_adm_checkpoint,
     read_pickle_checkpoint,
 )
-from curate.diffusion.models import build_model, preset, write_model_json  # noqa: E402
-from curate.diffusion.sampler import (  # noqa: E402
+from curate.stages.sdas.models import build_model, preset, write_model_json  # noqa: E402
+from curate.stages.sdas.sampler import (  # noqa: E402
     RespacedSchedule,
     base_betas,
     sample,
     space_timesteps,
 )
-from curate.diffusion.train import TrainConfig, train  # noqa: E402
-from curate.imageio import decode_file, encode_png  # noqa: E402
-from curate.manifest import Manifest, new_row  # noqa: E402
-from curate.runner import run_stage  # noqa: E402
-from curate.stages.sdas import SdasBlend, SdasBlendParams, SdasSample, SdasSampleParams  # noqa: E402
+from curate.stages.sdas.stage import SdasBlend, SdasBlendParams, SdasSample, SdasSampleParams  # noqa: E402
+from curate.stages.sdas.train import TrainConfig, train  # noqa: E402
 
 LAYOUTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "checkpoint-layouts"
 SIZE = 16  # sampler tests: 16 px images from a tiny UNet
@@ -270,8 +270,8 @@ def _store_files(ws) -> dict[str, bytes]:
 
 
 def test_bank_rows_record_each_image_and_resume_byte_identically(tmp_path, checkpoint):
-    from curate.runner import Context
-    from curate.workspace import Workspace
+    from curate.engine.runner import Context
+    from curate.engine.workspace import Workspace
 
     params = SdasSampleParams(category="tile", checkpoint=str(checkpoint), n=5, steps=3,
                               batch_size=2)
@@ -410,8 +410,8 @@ def test_cli_train_sample_blend(tmp_path, mtd_root):
     verified = invoke("manifest", "verify", blended["manifest"], "-j", "1")
     assert verified["ok"], verified["problems"]
 
+    from curate.engine.workspace import Workspace
     from curate.export.fiftyone import sample_fields
-    from curate.workspace import Workspace
 
     workspace = Workspace.open(ws, create=False)
     m = workspace.load(blended["manifest"])

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, mtd_images, tiny_diffusion_checkpoint
 
-from curate.cli import cli
-from curate.errors import CurateError
-from curate.runner import Context, run_stage
-from curate.stages.sdas import SdasBlend, SdasBlendParams, training_images
+from curate.app.cli import cli
+from curate.core.errors import CurateError
+from curate.engine.runner import Context, run_stage
+from curate.stages.sdas.stage import SdasBlend, SdasBlendParams, training_images
 
 torch = pytest.importorskip("torch", reason="SDAS needs the detectors extra")
 
@@ -23,8 +23,8 @@ CATEGORY = "Magnetic-tile-defect"
 
 
 def test_a_pt_without_adm_keys_names_the_file(tmp_path):
-    from curate.diffusion.checkpoints import CheckpointError
-    from curate.diffusion.models import load_model
+    from curate.stages.sdas.checkpoints import CheckpointError
+    from curate.stages.sdas.models import load_model
 
     no_adm = tmp_path / "classifier.pt"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, no_adm)
@@ -40,8 +40,8 @@ def test_a_pt_without_adm_keys_names_the_file(tmp_path):
 
 
 def test_unreadable_ema_weights_name_the_file(tmp_path):
-    from curate.diffusion.checkpoints import CheckpointError
-    from curate.diffusion.models import load_model
+    from curate.stages.sdas.checkpoints import CheckpointError
+    from curate.stages.sdas.models import load_model
 
     folder = tiny_diffusion_checkpoint(tmp_path / "ckpt")
     (folder / "ema.safetensors").write_bytes(b"cut short")

@@ -19,9 +19,9 @@ cv2 = pytest.importorskip("cv2")
 from click.testing import CliRunner  # noqa: E402
 from helpers import mtd_subset, tiny_diffusion_checkpoint, tree_digest  # noqa: E402
 
-from curate.cli import cli  # noqa: E402
+from curate.app.cli import cli  # noqa: E402
+from curate.engine.workspace import Workspace, is_side_product  # noqa: E402
 from curate.export.sdas import MARKER  # noqa: E402
-from curate.workspace import Workspace, is_side_product  # noqa: E402
 
 CATEGORY = "Magnetic-tile-defect"
 

@@ -19,8 +19,8 @@ from helpers import (
     truncate,
 )
 
-from curate.errors import CurateError
-from curate.fixtures import write_casting
+from curate.core.errors import CurateError
+from curate.testing.fixtures import write_casting
 
 EXPECTED = {(None, "good"): 5, (None, "pit"): 2, (None, "scratch"): 1, (None, "combined"): 1}
 

@@ -19,8 +19,8 @@ from helpers import (
     truncate,
 )
 
-from curate.errors import CurateError
-from curate.fixtures import write_kolektorsdd
+from curate.core.errors import CurateError
+from curate.testing.fixtures import write_kolektorsdd
 
 
 @pytest.fixture

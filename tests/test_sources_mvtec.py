@@ -16,9 +16,9 @@ from helpers import (
     truncate,
 )
 
-from curate.errors import CurateError
-from curate.fixtures import Fixture, write_mvtec
-from curate.imageio import encode_png
+from curate.core.errors import CurateError
+from curate.imaging.io import encode_png
+from curate.testing.fixtures import Fixture, write_mvtec
 
 
 @pytest.fixture

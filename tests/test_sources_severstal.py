@@ -15,8 +15,8 @@ from helpers import (
     truncate,
 )
 
-from curate.errors import CurateError
-from curate.fixtures import write_severstal
+from curate.core.errors import CurateError
+from curate.testing.fixtures import write_severstal
 
 
 @pytest.fixture

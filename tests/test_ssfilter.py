@@ -12,13 +12,14 @@ import pytest
 from click.testing import CliRunner
 from helpers import by_path, ingest, tree_digest
 
-from curate.cli import cli
-from curate.imageio import decode, encode_png
-from curate.patchfeatures import build_descriptor
-from curate.runner import Context, run_stage
+from curate.app.cli import cli
+from curate.engine.runner import Context, run_stage
+from curate.engine.workspace import Workspace
+from curate.imaging.io import decode, encode_png
 from curate.stages import ssfilter as ssf
 from curate.stages.split import Split, SplitParams
-from curate.stages.ssfilter import (
+from curate.stages.ssfilter.features import build_descriptor
+from curate.stages.ssfilter.stage import (
     SSFilter,
     SSFilterParams,
     filter_folder,
@@ -26,7 +27,6 @@ from curate.stages.ssfilter import (
     run_filter,
     select_normal,
 )
-from curate.workspace import Workspace
 
 FAST = dict(image_size=128, batch_size=12)  # 8x8 patches an image: milliseconds a batch
 
@@ -216,7 +216,7 @@ def test_full_mode_on_the_weight_free_descriptor_removes_planted_outliers(data):
 def test_patch_decoder_learns_to_reconstruct_and_its_stats_ignore_chunking():
     import torch
 
-    from curate.patchdecoder import PatchDecoder, channel_stats, patch_errors
+    from curate.stages.ssfilter.decoder import PatchDecoder, channel_stats, patch_errors
 
     rng = np.random.default_rng(0)
     data = rng.normal(3.0, 2.0, size=(50, 4, 6)).astype(np.float16)
@@ -405,7 +405,7 @@ def test_randconv_leaves_the_frame_out_and_keeps_small_defects():
     """The border: a dark strip along one side (a fixture edge) moves the patches much less
     than with no border (it still shifts the image's statistics a little everywhere); a small
     hole in the middle moves the cells around it several times more."""
-    from curate.patchfeatures import RandomConvDescriptor
+    from curate.stages.ssfilter.features import RandomConvDescriptor
 
     rng = np.random.default_rng(3)
     plain = texture(rng, 256)

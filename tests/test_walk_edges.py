@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import assert_every_file_accounted_for, by_path, ingest, mtd_subset
 
-from curate.cli import cli
-from curate.errors import CurateError, UnsafePathError
-from curate.files import source_file_path, walk_files
-from curate.verify import verify
-from curate.workspace import Workspace
+from curate.app.cli import cli
+from curate.core.errors import CurateError, UnsafePathError
+from curate.core.files import source_file_path, walk_files
+from curate.engine.verify import verify
+from curate.engine.workspace import Workspace
 
 
 def ignored(manifest) -> dict[str, str]:

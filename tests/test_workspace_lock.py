@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 from helpers import ingest, mtd_subset
 
-from curate.errors import CurateError, UsageError
-from curate.lock import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, lock_timeout
-from curate.runner import Context
-from curate.workspace import Workspace
+from curate.core.errors import CurateError, UsageError
+from curate.core.lock import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, lock_timeout
+from curate.engine.runner import Context
+from curate.engine.workspace import Workspace
 
-CURATE = [sys.executable, "-m", "curate.cli"]
+CURATE = [sys.executable, "-m", "curate.app.cli"]
 HOLDER_COMMAND = "curate holder-for-test"
 HOLDER = f"""
 import sys, time
-from curate.workspace import Workspace
+from curate.engine.workspace import Workspace
 Workspace.open(sys.argv[1], create=False).lock({HOLDER_COMMAND!r}).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -218,7 +218,7 @@ def test_the_first_marker_stands_when_two_commands_create_one_workspace(tmp_path
     root = tmp_path / "ws"
     first = Workspace.open(root)
     marker = (root / "workspace.json").read_text()
-    from curate.workspace import _create_marker
+    from curate.engine.workspace import _create_marker
 
     _create_marker(root / "workspace.json")  # the slower of two creators
     assert (root / "workspace.json").read_text() == marker

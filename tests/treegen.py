@@ -1,7 +1,7 @@
 """Hostile source trees for the invariant tests: a small valid dataset plus drawn mutations.
 
 A tree is one of :data:`KINDS` (a reader kind, casting once per annotation format) written by
-``curate.fixtures`` at its smallest, then changed by a list of :class:`Mutation` drawn by
+``curate.testing.fixtures`` at its smallest, then changed by a list of :class:`Mutation` drawn by
 hypothesis: hostile names (spaces, unicode, leading dashes, backslashes, names that collide once
 cleaned for export), the same stem with a second extension, broken images and masks (empty,
 truncated, wrong format, 16-bit, RGBA, CMYK, palette, a header claiming 10^10 pixels), links
@@ -33,8 +33,8 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from curate import fixtures
-from curate.imageio import encode_png
+from curate.imaging.io import encode_png
+from curate.testing import fixtures
 
 #: Tree kinds: reader kinds, with casting once per annotation format.
 KINDS = ("kolektorsdd", "kolektorsdd2", "mtd", "severstal", "casting-voc", "casting-yolo",

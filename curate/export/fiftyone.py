@@ -11,7 +11,7 @@ drop), with:
   ``<stage>_<quantity>`` (``quality_blur_z``, ``dedup_sharpness``, ``labels_mask_fraction`` …);
 - tags: ``dropped``, ``reason:<code>`` for each drop reason and ``flag:<code>`` for each flag
   (curate's own tags, which ``curate review pull`` ignores; the reviewers' vocabulary is in
-  ``curate.review``), repeated as the classifications of label field ``curate_tags``: the App
+  ``curate.stages.review``), repeated as the classifications of label field ``curate_tags``: the App
   draws sample tags on the tiles only after a click in its sidebar, which no dataset setting
   can make, while it draws any active label field;
 - ``metadata`` (width, height, size, type) from the image headers, for the App's modal;
@@ -40,16 +40,14 @@ are set before FiftyOne is imported, by :func:`fiftyone_module`.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from curate import __version__
-from curate.errors import CurateError
-from curate.manifest import DROPPED, Manifest
-from curate.optional import require
-from curate.workspace import Workspace
+from curate.core.errors import CurateError
+from curate.core.manifest import DROPPED, Manifest
+from curate.engine.workspace import Workspace
+from curate.stages.review import fiftyone_module
 
 MASK_TARGETS = {"ground_truth": {255: "defect"}, "foreground": {255: "foreground"}}
 #: Sidebar fields switched on when the App opens. FiftyOne draws a segmentation only while its
@@ -63,14 +61,7 @@ OVERLAY_OPACITY = 0.5
 #: The tiles' text boxes in colours of their own (FiftyOne would draw them from a pool that
 #: has red): on a tile, red means defect pixels.
 TILE_COLOURS = {"label": "#6a3fd6", "curate_tags": "#0b8f6a"}
-CURATE_TAGS = re.compile(r"^(dropped|reason:[a-z0-9_]+|flag:[a-z0-9_]+)$")
 
-
-def fiftyone_module():
-    """``import fiftyone``, with curate's defaults for its environment, or a clear error."""
-    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    return require("fiftyone", "curate review")
 
 
 def default_name(workspace: Workspace, manifest: Manifest) -> str:
@@ -208,3 +199,13 @@ def _save_views(fo, dataset) -> list[str]:
             dataset.delete_saved_view(name)
         dataset.save_view(name, view)
     return sorted(views)
+
+
+def launch(name: str, port: int = 5151, address: str = "127.0.0.1"):
+    """Serve the FiftyOne App for dataset ``name`` on ``address:port`` (loopback by default);
+    returns the session (its ``url``; ``session.wait()`` blocks until the App is closed)."""
+    fo = fiftyone_module()
+    if not fo.dataset_exists(name):
+        raise CurateError(f"no FiftyOne dataset {name!r} (`curate review push` makes one)")
+    return fo.launch_app(fo.load_dataset(name), port=port, address=address, remote=True,
+                         auto=False)

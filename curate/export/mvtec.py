@@ -56,13 +56,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from curate import __version__
-from curate.errors import CurateError
+from curate.core.errors import CurateError
+from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
+from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.engine.runner import Context, SampleEnv
 from curate.export.staging import staged, write_failure
-from curate.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
-from curate.imageio import decode, encode_png
-from curate.manifest import KEPT, Manifest
-from curate.runner import Context, SampleEnv
-from curate.sources.base import GOOD
+from curate.imaging.io import decode, encode_png
 
 MARKER = "curate-export.json"
 #: The top-level folder of the foreground masks (beside the categories, outside their trees).

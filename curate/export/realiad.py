@@ -68,9 +68,9 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
+from curate.export.index import SPLITS, ExportedImage, read_export, write_lists
 from curate.export.mvtec import MARKER
-from curate.export.report import SPLITS, ExportedImage, read_export, write_lists
 
 FOLDER = "realiad"
 NORMAL_CLASS = "OK"

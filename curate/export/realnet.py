@@ -52,9 +52,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
+from curate.export.index import SPLITS, ExportedImage, read_export, write_lists
 from curate.export.mvtec import MARKER
-from curate.export.report import SPLITS, ExportedImage, read_export, write_lists
 
 FOLDER = "realnet"
 #: The name RealNet gives the all-category lists, in place of a category.

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from curate import __version__
-from curate.errors import CurateError, UsageError
+from curate.core.errors import CurateError, UsageError
+from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
+from curate.core.manifest import KEPT, Manifest
+from curate.engine.workspace import BANK_KIND, Workspace
 from curate.export.mvtec import clean_folder_name
 from curate.export.staging import staged
-from curate.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
-from curate.manifest import KEPT, Manifest
-from curate.workspace import BANK_KIND, Workspace
 
 MARKER = "curate-sdas.json"
 FORMAT = "realnet-sdas"

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
 
 TMP = "curate-tmp"  # a tree being written
 OLD = "curate-old"  # an earlier export being replaced

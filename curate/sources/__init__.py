@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
 from curate.sources.base import Reader
 from curate.sources.casting import CastingReader
 from curate.sources.kolektorsdd import KolektorSDDReader

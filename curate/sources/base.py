@@ -10,7 +10,7 @@ Conventions all readers follow:
 - compare extensions case-insensitively (``.JPG`` is a JPEG);
 - every file under the root is a sample image, a mask/annotation file of one, or listed in the
   inventory as unpaired or ignored, with why;
-- files are listed by :meth:`Reader.walk` alone (``curate.files.walk_files``): it never
+- files are listed by :meth:`Reader.walk` alone (``curate.core.files.walk_files``): it never
   follows a link out of the root, and lists what it leaves out (links leading outside, broken
   links, FIFOs, unreadable folders, names that are not UTF-8 ...) as ignored, with why;
 - a layout that cannot be recognised at all stops the command with one sentence saying what
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from curate.errors import CurateError, UsageError
-from curate.files import walk_files
-from curate.imageio import is_image_name
+from curate.core.errors import CurateError, UsageError
+from curate.core.files import walk_files
+from curate.core.manifest import GOOD
+from curate.imaging.io import is_image_name
 
-GOOD = "good"
 COMBINED = "combined"  # MVTec AD's name for an image with several defect types
 
 
@@ -123,7 +123,7 @@ class Reader(abc.ABC):
 
     def walk(self, root: Path) -> tuple[list[str], Inventory]:
         """Every file under ``root`` a reader may read, and an inventory that already lists
-        what the walk left out (see ``curate.files.walk_files``) and counts every entry.
+        what the walk left out (see ``curate.core.files.walk_files``) and counts every entry.
         Stops with one sentence if there is no file at all."""
         if not root.is_dir():
             raise CurateError(f"{root}: not a folder; expected a {self.kind} source folder "

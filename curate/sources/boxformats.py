@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from curate.errors import CurateError, UnsafePathError, stable_text
-from curate.files import check_relative
+from curate.core.errors import CurateError, UnsafePathError, stable_text
+from curate.core.files import check_relative
 from curate.sources.base import Inventory, stem_and_ext
 
 FORMATS = ("voc", "yolo", "coco")
@@ -53,7 +53,7 @@ class Shapes:
         self.polygons.append({"class": cls, "points": points})
 
     def add_rle(self, cls: str, counts: str) -> None:
-        """A pixel mask as a Kaggle RLE string (``curate.masks.rle_decode``)."""
+        """A pixel mask as a Kaggle RLE string (``curate.imaging.masks.rle_decode``)."""
         self.classes.add(cls)
         self.rle.append({"class": cls, "counts": counts})
 

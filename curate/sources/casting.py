@@ -23,9 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError, UsageError
-from curate.files import check_relative
-from curate.manifest import drop, new_row
+from curate.core.errors import CurateError, UsageError
+from curate.core.files import check_relative
+from curate.core.manifest import drop, new_row
 from curate.sources.base import (
     GOOD,
     Reader,

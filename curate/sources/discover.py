@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from curate.errors import CurateError
+from curate.core.errors import CurateError
 from curate.sources.catalog import CATALOG
 
 

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from curate.manifest import drop, new_row
+from curate.core.manifest import drop, new_row
 from curate.sources.base import Reader, Scan, pair_masks_beside
 
 _IN_SPLIT = re.compile(r"^(train|test)/[^/]+$")

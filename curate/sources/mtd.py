@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from curate.manifest import drop, new_row
-from curate.sources.base import GOOD, Reader, Scan, is_image, stem_and_ext
+from curate.core.manifest import GOOD, drop, new_row
+from curate.sources.base import Reader, Scan, is_image, stem_and_ext
 
 _IN_IMGS = re.compile(r"^MT_([^/]+)/Imgs/([^/]+)$")
 FREE = "Free"

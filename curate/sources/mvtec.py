@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError
-from curate.manifest import drop, new_row
-from curate.sources.base import GOOD, Reader, Scan, is_image, stem_and_ext
+from curate.core.errors import CurateError
+from curate.core.manifest import GOOD, drop, new_row
+from curate.sources.base import Reader, Scan, is_image, stem_and_ext
 
 SPLITS = ("train", "test")
 GROUND_TRUTH = "ground_truth"

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.errors import CurateError, UnsafePathError, stable_text
-from curate.files import check_relative
-from curate.manifest import drop, new_row
+from curate.core.errors import CurateError, UnsafePathError, stable_text
+from curate.core.files import check_relative
+from curate.core.manifest import drop, new_row
 from curate.sources.base import Inventory, Reader, Scan, is_image, label_for, stem_and_ext
 
 CSV = "train.csv"

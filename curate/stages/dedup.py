@@ -12,7 +12,7 @@ planted duplicates. Then:
   with a full decode only for pairs that could be: near duplicates of the same size whose 8x8
   thumbnails agree within 3 grey levels (another exposure of one object never does);
 - **near duplicates**: hashes within ``radius`` bits, found by the exact sub-quadratic search
-  of ``curate.hamming`` (for transforms: each image's turned hashes against the plain ones).
+  of ``curate.imaging.hamming`` (for transforms: each image's turned hashes against the plain ones).
 
 Duplicates are joined into clusters (connected components). By default only samples with the
 same label can be duplicates of each other: in anomaly detection a small defect is exactly what
@@ -55,13 +55,13 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from curate import perceptual
-from curate.hamming import pairs_within, pairs_within_queries
-from curate.imageio import BadImage, decode
-from curate.imagestats import relative_sharpness
-from curate.manifest import Manifest
-from curate.runner import Context, SampleEnv, Stage, apply_update, map_kept
-from curate.store import pixel_digest
+from curate.core.manifest import Manifest
+from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
+from curate.engine.store import pixel_digest
+from curate.imaging import phash
+from curate.imaging.hamming import pairs_within, pairs_within_queries
+from curate.imaging.io import BadImage, decode
+from curate.imaging.stats import relative_sharpness
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ class DedupParams:
     decode: str = "full"
 
     def __post_init__(self):
-        if self.method not in perceptual.METHODS:
-            raise ValueError(f"method must be one of {', '.join(perceptual.METHODS)}")
-        perceptual.transform_names(self.transforms)  # validates
+        if self.method not in phash.METHODS:
+            raise ValueError(f"method must be one of {', '.join(phash.METHODS)}")
+        phash.transform_names(self.transforms)  # validates
         if not 0 <= self.radius <= 32:
             raise ValueError(f"radius must be in 0..32, got {self.radius}")
         if not self.radius <= self.group_radius <= 32:
@@ -129,9 +129,9 @@ def hash_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     p: DedupParams = env.params
     grey = grey_for_hashing(row, env.read_source(row), p.decode)
     image = Image.fromarray(grey)
-    thumb = perceptual.thumbnail(image)
+    thumb = phash.thumbnail(image)
     return {
-        "hashes": perceptual.hashes(image, p.method, p.transforms, thumb=thumb),
+        "hashes": phash.hashes(image, p.method, p.transforms, thumb=thumb),
         "sharpness": relative_sharpness(grey),
         # 8x8 block means of the thumbnail: pixel-identical images have (near) identical ones,
         # so this picks the few pairs whose full pixels are worth comparing.
@@ -209,7 +209,7 @@ class Dedup(Stage):
             else:  # could not be decoded: dropped with the reason the runner gave
                 rows[i] = apply_update(rows[i], res, self.name)
         hashes = np.array([info["hashes"] for info in infos], np.uint64).reshape(
-            len(infos), len(perceptual.transform_names(params.transforms)))
+            len(infos), len(phash.transform_names(params.transforms)))
         near = near_edges(hashes, params.group_radius)
         # Exact duplicates: identical bytes from the manifest; identical pixels verified by a
         # full decode, but only for pairs that could be (see pixel_candidates).
@@ -253,9 +253,9 @@ def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str
     ``pixels``: full-pixel digests of the candidates for pixel identity (sample -> digest).
     """
     n = len(members)
-    names = perceptual.transform_names(params.transforms)
+    names = phash.transform_names(params.transforms)
     updates: dict[int, dict[str, Any]] = {
-        i: {"measures": {"dedup.hash": perceptual.to_hex(info["hashes"][0]),
+        i: {"measures": {"dedup.hash": phash.to_hex(info["hashes"][0]),
                          "dedup.sharpness": info["sharpness"]}}
         for i, info in zip(members, infos, strict=True)}
     if n == 0:

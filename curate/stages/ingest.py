@@ -2,7 +2,7 @@
 
 The reader (``curate.sources``) pairs files by name and builds candidate rows; this stage then
 reads every candidate image once, in parallel: sha256 of the original bytes, format, size and
-channels from the header, and a completeness check (see ``curate.imageio.probe``). Pixels are
+channels from the header, and a completeness check (see ``curate.imaging.io.probe``). Pixels are
 not decoded here. Where a source defines the label by its mask (KolektorSDD, KolektorSDD2),
 the reader leaves the label empty and this stage reads the mask to decide good / defect.
 
@@ -18,18 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curate.canonical import content_hash
-from curate.errors import CurateError, UsageError
-from curate.files import sha256_bytes, walk_files
-from curate.imageio import BadImage, probe
-from curate.manifest import Manifest
-from curate.masks import AnnotationError, read_mask
-from curate.runner import Context, SampleEnv, Stage, Update, apply_update
+from curate.core.canonical import content_hash
+from curate.core.errors import CurateError, UsageError
+from curate.core.files import sha256_bytes, walk_files
+from curate.core.manifest import DEFECT, GOOD, Manifest
+from curate.engine.runner import Context, SampleEnv, Stage, Update, apply_update
+from curate.imaging.io import BadImage, probe
+from curate.imaging.masks import AnnotationError, read_mask
 from curate.sources import get_reader
-from curate.sources.base import GOOD
-
-#: The defect label of sources whose masks alone say a sample is defective.
-DEFECT = "defect"
 
 
 @dataclass(frozen=True)

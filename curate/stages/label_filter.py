@@ -32,9 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from curate.manifest import Manifest
-from curate.runner import Context, SampleEnv, Stage, apply_update, map_kept
-from curate.sources.base import GOOD
+from curate.core.manifest import GOOD, Manifest
+from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
 from curate.stages.quality import robust_z
 
 RULES = ("defect_without_mask", "mask_vanishes", "mask_too_small", "good_with_mask",

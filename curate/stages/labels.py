@@ -2,17 +2,17 @@
 
 Mask files (anti-aliased or not) are binarised with a recorded threshold; Severstal RLE strings,
 boxes (VOC / YOLO / COCO, already in pixel coordinates in the row) and polygons are rasterised
-with the pixel-centre rule of ``curate.masks``. The union goes to the store as artifact
+with the pixel-centre rule of ``curate.imaging.masks``. The union goes to the store as artifact
 ``mask``; where a sample has several defect classes, each class also gets ``mask:<class>``.
 
-Mask files are read by the rule of ``curate.masks`` (8- or 16-bit, palette, grey + alpha,
+Mask files are read by the rule of ``curate.imaging.masks`` (8- or 16-bit, palette, grey + alpha,
 colour; binary, label-id or anti-aliased values); a mask file that is anything but a plain
 8-bit grey mask is flagged ``unusual_mask`` with what was unusual.
 
 Measured per sample (``measures``): ``labels.mask_fraction`` (defect pixels / all pixels) and,
 for mask files, ``labels.threshold`` and ``labels.grey_pixels`` (pixels neither 0 nor full
 value: > 0 means the mask was anti-aliased). An unreadable mask file (empty, not an image,
-declaring more than ``curate.imageio.MAX_PIXELS`` pixels), a mask whose size differs from its
+declaring more than ``curate.imaging.io.MAX_PIXELS`` pixels), a mask whose size differs from its
 image's (checked from its header, before decoding), a malformed RLE, an RLE running past the
 image, and a box or polygon outside the image each drop the sample with their own reason code,
 whose detail names the file.
@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from curate.manifest import Manifest
-from curate.masks import (
+from curate.core.manifest import GOOD, Manifest
+from curate.engine.runner import Context, SampleEnv, Stage, Update, map_samples
+from curate.imaging.masks import (
     AnnotationError,
     box_mask,
     check_box_inside,
@@ -35,13 +36,11 @@ from curate.masks import (
     read_mask,
     rle_decode,
 )
-from curate.runner import Context, SampleEnv, Stage, Update, map_samples
-from curate.sources.base import GOOD
 
 
 @dataclass(frozen=True)
 class LabelsParams:
-    #: "auto" (see ``curate.imageio.binarize``: 0 for binary and label-id masks, 127 for
+    #: "auto" (see ``curate.imaging.io.binarize``: 0 for binary and label-id masks, 127 for
     #: anti-aliased ones) or an integer on the 8-bit scale: foreground is value > threshold.
     threshold: str | int = "auto"
     #: Pixels a box or polygon may overshoot the image before it counts as outside.

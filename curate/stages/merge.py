@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from curate.errors import CurateError
-from curate.manifest import Manifest
-from curate.runner import Context, Stage
+from curate.core.errors import CurateError
+from curate.core.manifest import Manifest
+from curate.engine.runner import Context, Stage
 
 
 @dataclass(frozen=True)

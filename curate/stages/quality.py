@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from curate.imageio import decode
-from curate.imagestats import exposure, sharpness
-from curate.manifest import Manifest
-from curate.runner import Context, SampleEnv, Stage, apply_update, map_kept
+from curate.core.manifest import Manifest
+from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
+from curate.imaging.io import decode
+from curate.imaging.stats import exposure, sharpness
 
 
 @dataclass(frozen=True)

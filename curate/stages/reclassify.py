@@ -19,7 +19,7 @@ Three measurable features per image, recorded in ``measures``:
 Rule, in order: at least ``min_holes_c2`` holes on a machined face (machined fraction at least
 ``machined_c2``) → C2; else clutter at least ``clutter_c3`` → C3; else machined fraction at
 least ``machined_c1`` → C1; else C3 (interference, little machined surface). The defaults were set on
-drawn scenes (``curate.fixtures.casting_scene``) — no real casting images are available to
+drawn scenes (``curate.testing.fixtures.casting_scene``) — no real casting images are available to
 this project — so check them on real data with ``--dry-run`` and correct individual images
 with an override file, which always wins: YAML mapping sample id → ``{class: C2, note: why}``.
 Overridden samples record ``reclassify.rule = "override"`` and the note.
@@ -38,11 +38,11 @@ import cv2
 import numpy as np
 import yaml
 
-from curate.errors import CurateError, stable_text
-from curate.files import sha256_file
-from curate.imageio import decode
-from curate.manifest import Manifest
-from curate.runner import Context, SampleEnv, Stage, map_samples, params_dict
+from curate.core.errors import CurateError, stable_text
+from curate.core.files import sha256_file
+from curate.core.manifest import Manifest
+from curate.engine.runner import Context, SampleEnv, Stage, map_samples, params_dict
+from curate.imaging.io import decode
 
 CLASSES = ("C1", "C2", "C3")
 

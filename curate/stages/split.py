@@ -25,9 +25,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from curate.manifest import KEPT, Manifest
-from curate.runner import Context, Stage, apply_update
-from curate.sources.base import GOOD
+from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.engine.runner import Context, Stage, apply_update
 
 HARD_NORMAL = "hard_normal"
 

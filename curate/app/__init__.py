@@ -1,0 +1,1 @@
+"""The application: recipes, ``curate build``, the demo and the command line."""

@@ -1,0 +1,164 @@
+"""foreground: a foreground mask per image, for anomaly synthesis to stay on the object.
+
+Stored as artifact ``foreground`` (a 0/255 PNG of the image's size), with
+``foreground.fraction`` (share of the image that is foreground) and ``foreground.confidence``
+(how decided the mask is, 0..1); below ``min_confidence`` the sample is flagged
+``foreground_uncertain`` for review. Two backends behind one interface:
+
+- ``classical`` (default, no weights): by category policy. ``texture`` categories (KolektorSDD,
+  KolektorSDD2, Magnetic-tile-defect, STEEL: the surface fills the frame) get the whole image,
+  confidence 1. ``object`` categories (the castings) get Otsu's threshold on a smoothed grey
+  image, the polarity whose foreground touches the image border least, a morphological
+  closing and opening, the largest connected component, holes filled; the confidence is
+  Otsu's separability (between-class over total variance), which is near 1 for a clean
+  bimodal image and near 0 for a featureless one.
+- ``isnet``: IS-Net (DIS, ``curate.stages.foreground.isnet``) with the official ``isnet-general-use.pth`` weights
+  from a path the user gives; the sigmoid output is thresholded at an *absolute* 0.5 (the
+  official per-image min-max would turn a blank image into a full-range map).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from curate.core.errors import CurateError
+from curate.core.files import sha256_file
+from curate.core.manifest import Manifest
+from curate.core.optional import require
+from curate.engine.runner import Context, SampleEnv, Stage, map_samples, params_dict
+from curate.imaging.io import decode
+
+TEXTURE, OBJECT = "texture", "object"
+#: HSS-IAD's categories: castings are objects on a background, the rest are surfaces.
+HSS_IAD_POLICY = {"Casting": OBJECT, "Casting_C1": OBJECT, "Casting_C2": OBJECT,
+                  "Casting_C3": OBJECT, "KolektorSDD": TEXTURE, "KolektorSDD2": TEXTURE,
+                  "Magnetic-tile-defect": TEXTURE, "STEEL": TEXTURE}
+
+
+@dataclass(frozen=True)
+class ForegroundParams:
+    backend: str = "classical"
+    #: category -> "texture" or "object" (classical backend); others get ``default_policy``.
+    policy: dict[str, str] = field(default_factory=lambda: dict(HSS_IAD_POLICY))
+    default_policy: str = TEXTURE
+    min_confidence: float = 0.5
+    #: isnet backend: the weights file, the square input size, the device.
+    weights: str = ""
+    size: int = 1024
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.backend not in ("classical", "isnet"):
+            raise ValueError(f"backend must be 'classical' or 'isnet', got {self.backend!r}")
+        bad = {k: v for k, v in self.policy.items() if v not in (TEXTURE, OBJECT)}
+        if bad or self.default_policy not in (TEXTURE, OBJECT):
+            raise ValueError(f"policies must be 'texture' or 'object', got {bad or self.default_policy}")
+        if self.backend == "isnet" and not self.weights:
+            raise ValueError("the isnet backend needs weights: the path of isnet-general-use.pth")
+
+
+def otsu_foreground(grey: np.ndarray) -> tuple[np.ndarray, float]:
+    """Object mask by Otsu's threshold, and Otsu's separability as its confidence."""
+    smooth = cv2.GaussianBlur(grey, (0, 0), max(1.0, min(grey.shape) / 200))
+    threshold, binary = cv2.threshold(smooth, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    total_var = float(smooth.var())
+    if total_var == 0:
+        return np.ones(grey.shape, bool), 0.0
+    above = smooth > threshold
+    w1 = above.mean()
+    between = w1 * (1 - w1) * (float(smooth[above].mean()) - float(smooth[~above].mean())) ** 2 \
+        if 0 < w1 < 1 else 0.0
+    separability = between / total_var
+    # The object is the side that touches the image border least.
+    border = np.concatenate([above[0], above[-1], above[:, 0], above[:, -1]])
+    fg = above if border.mean() <= 0.5 else ~above
+    k = max(3, (min(grey.shape) // 100) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if count <= 1:
+        return np.zeros(grey.shape, bool), 0.0
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    fg = (labels == largest).astype(np.uint8)
+    # Fill holes: everything not reachable from the border through background.
+    flood = np.pad(1 - fg, 1, constant_values=1)
+    cv2.floodFill(flood, None, (0, 0), 2)
+    fg = (flood[1:-1, 1:-1] != 2)
+    return fg, float(separability)
+
+
+@cache
+def _isnet(weights: str, device: str):
+    from curate.stages.foreground import isnet  # torch is imported only for this backend
+
+    return isnet.load_isnet(weights).to(device)
+
+
+@cache
+def _whole_frame(store_root: str, height: int, width: int) -> str:
+    """Store key of an all-foreground mask of this size (one per size, not one per image)."""
+    from curate.engine.store import Store
+
+    return Store(store_root).put_mask(np.ones((height, width), bool))
+
+
+def foreground_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
+    p: ForegroundParams = env.params
+    if p.backend == "classical" and p.policy.get(row["category"], p.default_policy) == TEXTURE:
+        # A surface fills the frame: the mask is the whole image, no need to decode it.
+        key, fraction, confidence = _whole_frame(env.store_root, row["height"], row["width"]), \
+            1.0, 1.0
+    else:
+        pixels = decode(env.read_source(row))
+        if p.backend == "isnet":
+            from curate.stages.foreground import isnet
+
+            prob = isnet.foreground_probability(_isnet(p.weights, p.device), pixels,
+                                                size=p.size, device=p.device)
+            mask, confidence = prob > 0.5, isnet.confidence(prob)
+        else:
+            grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[..., :3],
+                                                                cv2.COLOR_RGB2GRAY)
+            mask, confidence = otsu_foreground(grey)
+        key, fraction = env.store.put_mask(mask), float(mask.mean())
+    update: dict[str, Any] = {
+        "artifacts": {"foreground": key},
+        "measures": {"foreground.fraction": fraction, "foreground.confidence": confidence},
+    }
+    if confidence < p.min_confidence:
+        update["flags"] = [("foreground_uncertain",
+                            f"{row['path']}: {p.backend} foreground confidence {confidence:.2f} "
+                            f"(limit {p.min_confidence:g})")]
+    return update
+
+
+class Foreground(Stage):
+    name = "foreground"
+    version = "1"
+    Params = ForegroundParams
+
+    def run(self, inputs: list[Manifest], params: ForegroundParams, ctx: Context) -> Manifest:
+        (manifest,) = inputs
+        if params.backend == "isnet":  # before any work: in a worker it would drop every sample
+            require("curate.stages.foreground.isnet", "the isnet foreground backend")
+        rows = map_samples(self, manifest, params, ctx, foreground_sample)
+        return self.output(manifest, rows, params, ctx)
+
+    def recorded_params(self, params: ForegroundParams) -> dict[str, Any]:
+        recorded = params_dict(params)
+        if params.backend == "isnet":
+            # Fail once, before any work; and record what the weights are, not where they lie,
+            # so the manifest id does not depend on the folder a user keeps them in.
+            if not Path(params.weights).is_file():
+                raise CurateError(f"IS-Net weights not found at {params.weights}: download "
+                                  "isnet-general-use.pth (DIS repository release) and pass its "
+                                  "path")
+            recorded["weights"] = f"sha256:{sha256_file(params.weights)}"
+        return recorded
