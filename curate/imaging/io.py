@@ -25,6 +25,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -84,8 +85,9 @@ def _header(data: bytes) -> tuple[Image.Image, str]:
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         declared = re.search(r"\((\d+) pixels\)", str(exc))
-        raise _too_large(int(declared.group(1)) if declared else 2 * Image.MAX_IMAGE_PIXELS
-                         ) from None
+        # Pillow raises this only while its limit is set: MAX_IMAGE_PIXELS is an int here.
+        limit = 2 * cast(int, Image.MAX_IMAGE_PIXELS)
+        raise _too_large(int(declared.group(1)) if declared else limit) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
         raise BadImage(f"not a readable image ({stable_text(exc)})") from exc
     fmt = _FORMATS.get(im.format or "")

@@ -229,7 +229,8 @@ def read_mask(data: bytes, threshold: int | str = "auto",
     mask, used = binarize(values, threshold)
     full = np.iinfo(values.dtype).max
     # Only a mask read with threshold 0 needs its values listed (a few label ids, or one).
-    levels = mask_levels(values) if threshold == "auto" and used == 0 else ()
+    levels = (mask_levels(values) if threshold == "auto" and used == 0
+              else np.empty(0, np.int64))
     if len(levels):
         if len(levels) > 1:
             shown = ", ".join(str(v) for v in levels[:8]) + (" ..." if len(levels) > 8 else "")

@@ -19,6 +19,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -129,9 +130,11 @@ def _parse_voc(path: Path, rel: str) -> Shapes:
             raise _BadAnnotation(f"{rel}: <object> {i} has no <name>")
         box = obj.find("bndbox")
         try:
+            if box is None:
+                raise ValueError("no <bndbox>")
             xmin, ymin, xmax, ymax = (float(box.findtext(t) or "")
                                       for t in ("xmin", "ymin", "xmax", "ymax"))
-        except (AttributeError, ValueError):
+        except ValueError:
             raise _BadAnnotation(f"{rel}: <object> {i} ({name}) needs a <bndbox> with numeric "
                                  "xmin, ymin, xmax, ymax") from None
         if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
@@ -182,7 +185,7 @@ def _is_yolo_names_file(rel: str) -> bool:
 
 def yolo_label_files(files: list[str], images: list[str]) -> dict[str, str]:
     """Image path -> its YOLO label file, for the images that have one."""
-    txt_by_stem = {}
+    txt_by_stem: dict[str, str] = {}
     for rel in files:
         stem, ext = stem_and_ext(rel)
         if ext == ".txt" and not _is_yolo_names_file(rel):
@@ -500,7 +503,7 @@ def read_coco(root: Path, json_rel: str, images: list[str], inv: Inventory) -> F
                                                         and category not in names):
                 raise _BadAnnotation(f"{where}: category_id {category!r} is not in categories")
             _add_coco_shape(shapes, ann, names.get(category, str(category)), where,
-                            lambda image=image: _image_size(root / image, image))
+                            partial(_image_size, root / image, image))
         except _BadAnnotation as exc:
             found[image] = Unusable("bad_annotation", str(exc), json_rel)
         except _ImageTooLarge as exc:

@@ -66,11 +66,11 @@ class MVTecReader(Reader):
                 else:
                     images[key] = rel
             elif parts[0] == GROUND_TRUTH and stem.endswith(MASK_SUFFIX):
-                key = (prefix, parts[1], stem.removesuffix(MASK_SUFFIX))
-                if key in masks:
-                    inv.unpair(rel, f"a second mask for the same image as {masks[key]}")
+                mask_key = (prefix, parts[1], stem.removesuffix(MASK_SUFFIX))
+                if mask_key in masks:
+                    inv.unpair(rel, f"a second mask for the same image as {masks[mask_key]}")
                 else:
-                    masks[key] = rel
+                    masks[mask_key] = rel
             else:
                 inv.ignore(rel, "an image in a category folder, but neither in train/ or "
                                 "test/ nor a ground_truth/<defect>/<name>_mask.png")

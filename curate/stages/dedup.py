@@ -295,7 +295,7 @@ def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str
         cluster_id = rows[members[min(cluster, key=lambda k: order_key[k])]]["sample_id"]
         ranked = sorted(cluster, key=lambda k: (
             -(rows[members[k]]["width"] or 0) * (rows[members[k]]["height"] or 0),
-            -sharp[exact_of[k]], order_key[k]))
+            -sharp[int(exact_of[k])], order_key[k]))
         settled: set[int] = set()
         for keeper in ranked:
             updates[members[keeper]]["measures"]["dedup.cluster"] = cluster_id

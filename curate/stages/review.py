@@ -39,7 +39,6 @@ from curate.core.manifest import DROPPED, GOOD, KEPT, Manifest, drop, note
 from curate.core.optional import require
 from curate.engine.runner import Context, Stage, StageResult, run_stage
 from curate.engine.store import Store
-from curate.engine.workspace import Workspace
 
 STAGE = "review"
 _VALUE_TAG = re.compile(r"^(relabel|move|category):(.+)$")
@@ -191,7 +190,8 @@ class Review(Stage):
 def pull(ctx: Context, name: str) -> StageResult:
     """Read the reviewers' tags of dataset ``name`` into a new manifest version."""
     fo = fiftyone_module()
-    ws: Workspace = ctx.workspace
+    ws = ctx.workspace
+    assert ws is not None, "pull loads the pushed manifest from the Context's workspace"
     if not fo.dataset_exists(name):
         raise CurateError(f"no FiftyOne dataset {name!r} (`curate review push` makes one; "
                           f"existing: {', '.join(fo.list_datasets()) or 'none'})")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -485,7 +485,7 @@ def write_all(root: str | Path, seed: int = 0) -> dict[str, Path]:
     """One small dataset per source kind under ``root/<distributed folder name>`` (casting
     in VOC form); returns kind -> folder."""
     root = Path(root)
-    writers = {"kolektorsdd": write_kolektorsdd, "kolektorsdd2": write_kolektorsdd2,
+    writers: dict[str, Callable[..., Fixture]] = {"kolektorsdd": write_kolektorsdd, "kolektorsdd2": write_kolektorsdd2,
                "mtd": write_mtd, "severstal": write_severstal, "casting": write_casting,
                "mvtec": write_mvtec}
     return {kind: write(root / FOLDERS[kind], seed=seed).root for kind, write in writers.items()}

@@ -123,6 +123,7 @@ def write_planted_mtd(mtd_root: str | Path, out_root: str | Path, originals: Ite
             elif kind == "jpeg":
                 target.write_bytes(_jpeg(pixels, 60))
             else:
+                assert op is not None, f"{kind}: every other kind alters the pixels"
                 target.write_bytes(_jpeg(np.ascontiguousarray(op(pixels, False)), 95))
             target.with_suffix(".png").write_bytes(encode_png(np.ascontiguousarray(new_mask)))
             planted.append((rel, copy_rel, kind))
