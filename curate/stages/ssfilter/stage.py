@@ -64,7 +64,14 @@ from torch.nn import functional as F
 from curate.core.errors import CurateError
 from curate.core.files import walk_files
 from curate.core.manifest import GOOD, KEPT, Manifest
-from curate.engine.runner import Context, SampleEnv, Stage, apply_update, params_dict
+from curate.engine.runner import (
+    Context,
+    SampleEnv,
+    Stage,
+    apply_update,
+    params_dict,
+    recorded_file,
+)
 from curate.imaging.io import BadImage, decode, is_image_name
 from curate.stages.ssfilter.decoder import PatchDecoder, channel_stats, patch_errors
 from curate.stages.ssfilter.features import (
@@ -562,7 +569,7 @@ def _round(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-class SSFilter(Stage):
+class SSFilter(Stage[SSFilterParams]):
     name = "ssfilter"
     version = "2"
     Params = SSFilterParams
@@ -572,11 +579,9 @@ class SSFilter(Stage):
         recorded = params_dict(params)
         weights = params.weights
         if weights not in (None, "random") and Path(weights).exists():
-            from detectors.backbones import file_sha256
-
             path = Path(weights)
-            file = path / "model.safetensors" if path.is_dir() else path
-            recorded["weights"] = f"sha256:{file_sha256(file)}"
+            recorded["weights"] = recorded_file(path / "model.safetensors" if path.is_dir()
+                                                else path)
         return recorded
 
     def gpus(self, params: SSFilterParams) -> float:
@@ -591,28 +596,28 @@ class SSFilter(Stage):
             if row["status"] == KEPT and row["label"] == GOOD and row["split"] != "test":
                 by_category.setdefault(row["category"], []).append(i)
         categories = sorted(by_category)
-        with ctx._progress_bar() as bar:
+        with ctx.progress("ssfilter", len(categories)) as bar:
             # One job per category (categories are filtered independently): under
             # --executor ray each is a task, on a GPU of the cluster when the device is one.
             jobs = []
             for category in categories:
                 tick = None
-                if ctx.executor != "ray":  # a progress callback cannot travel to a worker
-                    task = bar.add_task(f"ssfilter {category}", total=None)
+                if ctx.in_process:  # a progress callback cannot travel to a worker
 
-                    def tick(what, done, total, task=task, category=category):
-                        bar.update(task, description=f"ssfilter {category}: {what}",
+                    def tick(what, done, total, category=category):
+                        bar.update(description=f"ssfilter {category}: {what}",
                                    completed=done, total=total)
 
                 jobs.append(CategoryJob(env, tuple(rows[i] for i in by_category[category]),
                                         _rng_seed(ctx.seed, category) % (2 ** 63), tick))
             results = ctx.tasks(filter_category, jobs, num_gpus=self.gpus(params),
                                 desc="ssfilter")
-            for category, result in zip(categories, results, strict=True):
+            for done, (category, result) in enumerate(zip(categories, results, strict=True)):
                 members = by_category[category]
                 updates = _updates(result, [rows[i] for i in members], params)
                 for i, update in zip(members, updates, strict=True):
                     rows[i] = apply_update(rows[i], update, self.name)
+                bar.update(description="ssfilter", completed=done + 1, total=len(categories))
         return self.output(manifest, rows, params, ctx)
 
 
