@@ -1276,8 +1276,8 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
       curate filter-noise ./train/good --out ./train-clean --hard-normals 10
       curate filter-noise -w ws --hard-normals 20
     """
-    ssfilter = require("curate.stages.ssfilter.stage", "curate filter-noise")
-    SSFilter, filter_folder = ssfilter.SSFilter, ssfilter.filter_folder
+    SSFilter = require("curate.stages.ssfilter.stage", "curate filter-noise").SSFilter
+    filter_folder = require("curate.stages.ssfilter.folder", "curate filter-noise").filter_folder
     params = make_params(SSFilter, {
         "mode": mode, "kappa1": kappa1, "kappa2": kappa2, "batch_size": batch_size,
         "backbone": backbone, "weights": weights, "image_size": image_size, "border": border,
