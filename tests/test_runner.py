@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from curate.core.errors import CurateError, UnsafePathError
 from curate.core.files import check_relative, safe_join
 from curate.core.manifest import Manifest, new_row
-from curate.engine.runner import Context, Stage, apply_update, make_params, map_samples, run_stage
+from curate.engine.executors import chunk_size, chunks
+from curate.engine.progress import ProgressBar
+from curate.engine.runner import (
+    Context,
+    Stage,
+    apply_update,
+    make_params,
+    map_samples,
+    recorded_file,
+    run_stage,
+)
 from curate.engine.workspace import Workspace
 
 
@@ -37,7 +50,7 @@ def noisy(row, env):
     return {"measures": {"noise.value": value}, "artifacts": {"m": env.store.put_mask(mask)}}
 
 
-class Noise(Stage):
+class Noise(Stage[NoiseParams]):
     name = "noise"
     version = "1"
     Params = NoiseParams
@@ -160,3 +173,75 @@ def test_paths_escaping_their_root_are_rejected(rel, tmp_path):
 
 def test_safe_relative_paths_pass(tmp_path):
     assert safe_join(tmp_path, "a/b..c/d.png") == tmp_path / "a/b..c/d.png"
+
+
+# ----------------------------------------------------------------------------- engine parts
+@pytest.mark.parametrize("rows, workers, size", [
+    (1, 4, 1), (10, 1, 2), (1000, 2, 63), (10**6, 2, 256), (0, 3, 1), (5, 0, 1)])
+def test_one_chunking_rule_for_every_executor(rows, workers, size):
+    """About eight chunks per worker, never more than 256 rows (what a dead worker loses),
+    never empty; the chunks cover the rows once, in order."""
+    assert chunk_size(rows, workers) == size
+    items = [{"i": i} for i in range(rows)]
+    parts = chunks(items, workers)
+    assert [r for part in parts for r in part] == items
+    assert all(0 < len(part) <= size for part in parts)
+
+
+def test_a_file_parameter_is_recorded_by_its_content(tmp_path):
+    """Same bytes anywhere: same record; new bytes at the same path: a new record, even
+    though the digest of the old version is kept for the process."""
+    first, second = tmp_path / "a.bin", tmp_path / "elsewhere" / "b.bin"
+    second.parent.mkdir()
+    first.write_bytes(b"weights v1")
+    second.write_bytes(b"weights v1")
+    expected = "sha256:" + hashlib.sha256(b"weights v1").hexdigest()
+    assert recorded_file(first) == recorded_file(str(second)) == expected
+    first.write_bytes(b"weights v2, longer")
+    assert recorded_file(first) == "sha256:" + hashlib.sha256(b"weights v2, longer").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        recorded_file(tmp_path / "missing.bin")
+
+
+def test_sample_env_and_workspace_resolve_source_files_alike(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(b"x")
+    ws = Workspace.open(tmp_path / "ws")
+    manifest = Manifest.build([new_row(source="s", path="a.png", category="C", label="good")],
+                              stage="ingest", stage_version="1", roots={"s": str(tmp_path / "src")})
+    with Context(ws, progress=False) as ctx:
+        env = ctx.env("t", None, manifest.roots)
+    row = manifest.row_list()[0]
+    assert env.source_path(row) == ws.source_file(manifest, "s", "a.png") == \
+        (tmp_path / "src" / "a.png").absolute()
+    with pytest.raises(CurateError, match="no folder is known for source 'other'"):
+        env.source_path({**row, "source": "other"})
+    with pytest.raises(CurateError, match="no folder is known for source 'other'"):
+        ws.source_file(manifest, "other", "a.png")
+    with pytest.raises(UnsafePathError):
+        env.source_path(row, "../outside.png")
+
+
+def test_one_progress_bar_shows_counts_and_named_fields():
+    """The bar every loop uses: done of total, and extra fields after the time (sdas train's
+    loss); disabled, it draws nothing."""
+    shown = io.StringIO()
+    with ProgressBar(Console(file=shown, force_terminal=True, width=120), "work", 3,
+                     loss=float("nan")) as bar:
+        bar.update(advance=2)
+        bar.update(completed=3, loss=0.5)
+    assert "3/3" in shown.getvalue() and "loss 0.5000" in shown.getvalue()
+    hidden = io.StringIO()
+    with Context(None, progress=False, console=Console(file=hidden, force_terminal=True)) as ctx:
+        with ctx.progress("work", 3) as bar:
+            bar.update(completed=3)
+    assert hidden.getvalue() == ""
+
+
+def test_context_executor_kind_and_missing_workspace():
+    with Context(None, progress=False) as ctx:
+        assert ctx.executor == "local" and ctx.in_process
+        with pytest.raises(CurateError, match="without a workspace"):
+            ctx.workspace  # noqa: B018 - the property is what is tested
+    with Context(None, jobs=2, progress=False) as ctx:
+        assert ctx.executor == "process" and ctx.in_process

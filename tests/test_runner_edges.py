@@ -103,11 +103,11 @@ def test_watchdog_ends_a_worker_whose_parent_died():
     """The fallback where PR_SET_PDEATHSIG does not exist: a thread that watches the parent."""
     script = """
 import os, time
-from curate.engine.runner import _exit_when_orphaned
+from curate.engine.executors import exit_when_orphaned
 pid = os.fork()
 if pid == 0:
     os.close(1); os.close(2)  # (the test reads both to their end)
-    _exit_when_orphaned(os.getppid(), poll_s=0.02)
+    exit_when_orphaned(os.getppid(), poll_s=0.02)
     time.sleep(600)  # reached only if the watchdog returned instead of exiting
 print(pid, flush=True)
 """

@@ -16,17 +16,12 @@ from curate.app.cli import cli
 from curate.engine.runner import Context, run_stage
 from curate.engine.workspace import Workspace
 from curate.imaging.io import decode, encode_png
-from curate.stages import ssfilter as ssf
 from curate.stages.split import Split, SplitParams
+from curate.stages.ssfilter import scoring
 from curate.stages.ssfilter.features import build_descriptor
-from curate.stages.ssfilter.stage import (
-    SSFilter,
-    SSFilterParams,
-    filter_folder,
-    mutual_scores,
-    run_filter,
-    select_normal,
-)
+from curate.stages.ssfilter.folder import filter_folder
+from curate.stages.ssfilter.scoring import mutual_scores, select_normal
+from curate.stages.ssfilter.stage import SSFilter, SSFilterParams, run_filter
 
 FAST = dict(image_size=128, batch_size=12)  # 8x8 patches an image: milliseconds a batch
 
@@ -145,13 +140,13 @@ def test_scores_batch_by_batch_never_the_whole_set(data, monkeypatch):
     batch of each shuffling; features go to a memory-mapped file above the memory limit."""
     images, _ = data
     calls = []
-    real = ssf.mutual_scores
+    real = scoring.mutual_scores
 
     def spy(z, *args, **kwargs):
         calls.append(z.shape[0])
         return real(z, *args, **kwargs)
 
-    monkeypatch.setattr(ssf, "mutual_scores", spy)
+    monkeypatch.setattr(scoring, "mutual_scores", spy)
     params = SSFilterParams(kappa1=2, kappa2=1, **FAST)
     on_disk = run_filter(lambda i: images[i], len(images), params, seed=0, memory_limit=0,
                          chunk_rows=16)

@@ -1060,7 +1060,7 @@ def sdas_train(manifest, category, out, steps, batch_size, image_size, model_pre
       curate sdas train --category Magnetic-tile-defect --out mtd-ddpm --steps 50000 -w ws
     """
     train_mod = _sdas_import("curate.stages.sdas.train")
-    from curate.stages.sdas.stage import ProgressBar, training_images
+    from curate.stages.sdas.stage import training_images
 
     torch = _sdas_import("torch")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1071,12 +1071,11 @@ def sdas_train(manifest, category, out, steps, batch_size, image_size, model_pre
     with _context(workspace, seed, jobs, create=False, write=False) as ctx:
         m = ctx.workspace.load(manifest)
         images = training_images(ctx.workspace, m, category)
-        bar_ = ProgressBar(ctx, f"sdas train {category}", steps, loss=float("nan"))
-        with bar_ as (bar, task):
+        with ctx.progress(f"sdas train {category}", steps, loss=float("nan")) as bar:
             result = train_mod.train(
                 images, out, config, info={"manifest": m.id, "category": category,
                                            "images": len(images)},
-                on_step=lambda step, loss: bar.update(task, completed=step, loss=loss))
+                on_step=lambda step, loss: bar.update(completed=step, loss=loss))
     summary = {"out": str(result.out), "step": result.step, "resumed_from": result.resumed_from,
                "images": len(images), "last_loss": result.losses[-1] if result.losses else None}
     if as_json:
@@ -1277,8 +1276,8 @@ def filter_noise(target, out, mode, kappa1, kappa2, batch_size, backbone, weight
       curate filter-noise ./train/good --out ./train-clean --hard-normals 10
       curate filter-noise -w ws --hard-normals 20
     """
-    ssfilter = require("curate.stages.ssfilter.stage", "curate filter-noise")
-    SSFilter, filter_folder = ssfilter.SSFilter, ssfilter.filter_folder
+    SSFilter = require("curate.stages.ssfilter.stage", "curate filter-noise").SSFilter
+    filter_folder = require("curate.stages.ssfilter.folder", "curate filter-noise").filter_folder
     params = make_params(SSFilter, {
         "mode": mode, "kappa1": kappa1, "kappa2": kappa2, "batch_size": batch_size,
         "backbone": backbone, "weights": weights, "image_size": image_size, "border": border,

@@ -4,8 +4,8 @@ A stage is a small object with a ``name``, a ``version``, a ``Params`` dataclass
 ``run(inputs, params, ctx) -> Manifest``. Work on single samples is a pure module-level function
 ``fn(row, env) -> update`` that :meth:`Context.map` runs inline, on a process pool or as Ray
 tasks (the ``executor``: local, process, ray; with Ray and ``ray_data``, a saved input manifest
-is streamed to the workers through Ray Data instead, :meth:`Context.map_manifest`); results
-come back in input order and all
+is streamed to the workers through Ray Data instead, :meth:`Context.map_manifest`; how each
+runs is in :mod:`curate.engine.executors`); results come back in input order and all
 randomness comes from ``env.rng(row)``, seeded by (seed, stage, sample id), so the output never
 depends on ``--jobs``, the executor or scheduling.
 
@@ -22,41 +22,33 @@ what changed.
 from __future__ import annotations
 
 import abc
-import collections
 import dataclasses
-import errno
+import functools
 import hashlib
-import logging
-import math
-import multiprocessing
 import os
-import pickle
-import signal
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from curate.core.canonical import content_hash
-from curate.core.errors import CurateError, UnsafePathError, stable_text
-from curate.core.files import source_file_path
+from curate.core.errors import CurateError
+from curate.core.files import sha256_file
 from curate.core.lock import WorkspaceLock
-from curate.core.manifest import COLUMNS, KEPT, Manifest, drop, manifest_row, note
-from curate.core.optional import require
+from curate.core.manifest import COLUMNS, KEPT, Manifest, drop, note
+from curate.engine.executors import ProcessPool, RayRuntime, map_inline
+from curate.engine.progress import ProgressBar
 from curate.engine.store import Store
-from curate.engine.workspace import Workspace
-from curate.imaging.io import BadImage
+from curate.engine.workspace import Workspace, source_file
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 Update = dict[str, Any]
 
@@ -78,12 +70,8 @@ class SampleEnv:
 
     def source_path(self, row: dict[str, Any], rel: str | None = None) -> Path:
         """Absolute path of the row's image (or of ``rel`` in the row's source), checked to be
-        still inside the source folder (see ``curate.core.files.source_file_path``)."""
-        root = self.roots.get(row["source"])
-        if root is None:
-            raise CurateError(f"no folder is known for source {row['source']!r}")
-        return source_file_path(root, rel if rel is not None else row["path"],
-                                what=f"path in source {row['source']!r}")
+        still inside the source folder (see :func:`curate.engine.workspace.source_file`)."""
+        return source_file(self.roots, row["source"], rel if rel is not None else row["path"])
 
     def read_source(self, row: dict[str, Any], rel: str | None = None) -> bytes:
         with open(self.source_path(row, rel), "rb") as fh:
@@ -93,74 +81,6 @@ class SampleEnv:
         """The sample's own random generator: depends only on (seed, stage, sample id)."""
         digest = hashlib.sha256(f"{self.seed}\x00{self.stage}\x00{row['sample_id']}".encode())
         return np.random.default_rng(int.from_bytes(digest.digest()[:16], "little"))
-
-
-def _error_update(exc: BaseException, path: str) -> Update:
-    if isinstance(exc, BadImage):
-        code = "unreadable_image"
-    elif isinstance(exc, UnsafePathError):
-        code = "unsafe_path"
-    elif isinstance(exc, FileNotFoundError):
-        code = "missing_file"
-    else:
-        code = "error"
-    detail = stable_text(exc) if isinstance(exc, (CurateError, BadImage, OSError)) else \
-        f"{type(exc).__name__}: {stable_text(exc)}"
-    return {"drop": [(code, f"{path}: {detail}")]}
-
-
-#: A write the disk refused (full, over quota, over the file-size limit) is no fault of the
-#: sample being processed: it stops the stage instead of dropping every sample after it.
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-def _run_chunk(fn: Callable[[dict, SampleEnv], Update], rows: list[dict],
-               env: SampleEnv) -> list[Update]:
-    out = []
-    for row in rows:
-        try:
-            out.append(fn(row, env) or {})
-        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the stage
-            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-                raise
-            out.append(_error_update(exc, row.get("path", "?")))
-    return out
-
-
-def _import_ray():
-    return require("ray", "--executor ray")
-
-
-_RAY_REMOTES: dict[Callable, Any] = {}
-
-
-def _ray_remote(ray, fn: Callable):
-    """``fn`` as a Ray remote function (made once per function, when Ray is first used).
-
-    max_retries: a task whose worker process died runs again (the store's writes are atomic
-    and content-addressed, so a half-done task leaves nothing wrong behind); an exception
-    raised by ``fn`` is not retried."""
-    if fn not in _RAY_REMOTES:
-        _RAY_REMOTES[fn] = ray.remote(max_retries=3, retry_exceptions=False)(fn)
-    return _RAY_REMOTES[fn]
-
-
-def _call(fn: Callable[[Any], Any], job: Any) -> Any:
-    return fn(job)
-
-
-def _parquet_batch(table, fn: Callable[[dict, SampleEnv], Update], env: SampleEnv
-                   ) -> dict[str, np.ndarray]:
-    """A Ray Data batch of a manifest's Parquet table -> the updates of its kept rows, in order
-    (dropped rows are skipped), as one output row.
-
-    Rows are decoded exactly as :meth:`Manifest.rows` decodes them, so ``fn`` sees the same
-    dicts as with the other executors."""
-    rows = [row for row in map(manifest_row, table.to_pylist()) if row["status"] == KEPT]
-    # One opaque value per batch: Ray Data would turn a column of dicts into an Arrow struct,
-    # unifying their keys (an empty dict comes back None, absent keys as None). Pickle is what
-    # Ray itself uses between its workers; these bytes never leave the cluster's object store.
-    return {"updates": np.array([pickle.dumps(_run_chunk(fn, rows, env))], dtype=object)}
 
 
 def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, Any]:
@@ -184,41 +104,8 @@ def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, A
     return row
 
 
-# --------------------------------------------------------------------------- pool workers
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Initializer of every pool worker: the worker dies with the command that started it.
-
-    Workers wait on a pipe that their siblings keep open, so after a ``kill -9`` of the
-    command they would wait forever, holding memory (and the workspace lock's open file).
-    On Linux the kernel sends them SIGKILL when their parent dies (PR_SET_PDEATHSIG; the pool
-    forks them from the thread that submits work, which lives as long as the command);
-    elsewhere a watchdog thread exits when the parent changes.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
-            return
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
-                     name="curate-parent-watchdog").start()
-
-
-def _exit_when_orphaned(parent_pid: int, poll_s: float = 0.5) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(poll_s)
-    os._exit(1)
-
-
 # --------------------------------------------------------------------------- context
 EXECUTORS = ("local", "process", "ray")
-#: How many times the process executor replaces a pool whose worker died, per map.
-POOL_RETRIES = 3
 
 
 class Context:
@@ -230,8 +117,12 @@ class Context:
     Ray Data instead of sending rows as tasks (:meth:`map_manifest`).
     None means ``ray`` when a ``ray_address`` is given, else ``process`` when ``jobs`` > 1, else
     ``local``. Every executor gives the same results in the same order, so the manifests do not
-    depend on it.
+    depend on it. ``progress``: show progress bars (default: when the console is a terminal).
     """
+
+    #: The executor kind: ``local``, ``process`` or ``ray``; a stage asks it whether its jobs
+    #: run in this process (anything but ``ray``), where a callback such as progress can reach.
+    executor: str
 
     def __init__(self, workspace: Workspace | None, *, jobs: int = 1, seed: int = 0,
                  progress: bool | None = None, console: Console | None = None,
@@ -248,29 +139,37 @@ class Context:
             raise CurateError("--ray-address needs --executor ray")
         if ray_data and executor != "ray":
             raise CurateError("--ray-data needs --executor ray")
-        self.workspace = workspace
+        self._workspace = workspace
         self.jobs = jobs
         self.seed = seed
         self.executor = executor
         self.ray_address = ray_address
         self.ray_data = ray_data
         self.console = console or Console(stderr=True)
-        self.progress = self.console.is_terminal if progress is None else progress
-        self._pool: Executor | None = None
-        self._ray_started = False
+        self.show_progress = self.console.is_terminal if progress is None else progress
+        self._pool = ProcessPool(jobs, warn=self.console.print)
+        # Connecting to Ray is deferred to the first task; importing it is not, so that a
+        # missing Ray fails now, with a clear message, rather than mid-build.
+        self._ray = RayRuntime(ray_address) if executor == "ray" else None
         self._lock: WorkspaceLock | None = None
-        if executor == "ray":
-            _import_ray()  # fail now, with a clear message, rather than mid-build
 
-    # The pool is created on first use and shared by every stage of one command.
-    def _executor(self) -> Executor:
-        if self._pool is None:
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            self._pool = ProcessPoolExecutor(self.jobs,
-                                             mp_context=multiprocessing.get_context(method),
-                                             initializer=_die_with_parent,
-                                             initargs=(os.getpid(),))
-        return self._pool
+    @property
+    def workspace(self) -> Workspace:
+        """The workspace the stages read and write (a context made without one has none)."""
+        if self._workspace is None:
+            raise CurateError("this command runs without a workspace")
+        return self._workspace
+
+    @property
+    def in_process(self) -> bool:
+        """Whether jobs given to :meth:`tasks` run in this process (every executor but Ray):
+        then they may carry callbacks, such as a progress bar's, that cannot be pickled."""
+        return self.executor != "ray"
+
+    def progress(self, desc: str, total: int | None, **fields: Any) -> ProgressBar:
+        """A progress bar on this context's console (drawn only when progress is shown); see
+        :class:`curate.engine.progress.ProgressBar` for ``total`` and ``fields``."""
+        return ProgressBar(self.console, desc, total, enabled=self.show_progress, **fields)
 
     def lock_workspace(self, command: str) -> None:
         """Take the workspace's writer lock and hold it until :meth:`close`, so that no other
@@ -281,31 +180,16 @@ class Context:
         lock.acquire()
         self._lock = lock
 
-    def _ray(self):
-        """The ray module, connected: joins the runtime already started in this process, else
-        the cluster at ``ray_address``, else starts a local one (shut down by :meth:`close`)."""
-        ray = _import_ray()
-        if not ray.is_initialized():
-            ray.init(address=self.ray_address, ignore_reinit_error=True,
-                     include_dashboard=False, log_to_driver=False)
-            self._ray_started = True
-        return ray
-
     def close(self, *, failed: bool = False) -> None:
         """Stop the workers, then (``failed``: the command raised) remove a workspace this
         command created and never saved into, then release the writer lock."""
         try:
-            if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
-                self._pool = None
-            if self._ray_started:
-                import ray
-
-                ray.shutdown()
-                self._ray_started = False
+            self._pool.shutdown()
+            if self._ray is not None:
+                self._ray.shutdown()
         finally:
-            if failed and self.workspace is not None:
-                self.workspace.discard_if_unused()
+            if failed and self._workspace is not None:
+                self._workspace.discard_if_unused()
             # Last: the workers are gone, and everything the command wrote is in place.
             if self._lock is not None:
                 self._lock.release()
@@ -333,51 +217,16 @@ class Context:
         rows = list(rows)
         if not rows:
             return []
-        with self._progress_bar() as bar:
-            task = bar.add_task(desc, total=len(rows))
-            if self.executor == "ray":
-                return self._map_ray(fn, rows, env, num_gpus,
-                                     lambda done: bar.update(task, completed=done))
-            if self.executor == "local" or self.jobs == 1 or len(rows) < 2 * self.jobs:
-                results = []
-                for start in range(0, len(rows), 64):
-                    results.extend(_run_chunk(fn, rows[start:start + 64], env))
-                    bar.update(task, completed=len(results))
-                return results
-            return self._map_pool(fn, rows, env,
-                                  lambda done: bar.update(task, completed=done))
+        with self.progress(desc, len(rows)) as bar:
+            def advance(done: int) -> None:
+                bar.update(completed=done)
 
-    def _map_pool(self, fn, rows: list[dict], env: SampleEnv,
-                  advance: Callable[[int], None]) -> list[Update]:
-        """Chunks of rows on the process pool. A worker that dies (killed, out of memory)
-        breaks the whole pool: a new pool then reruns every chunk not yet collected, up to
-        ``POOL_RETRIES`` times. Chunks are pure functions of their rows, and the store's
-        writes are atomic and content-addressed, so a rerun chunk gives the same results."""
-        size = max(1, min(256, math.ceil(len(rows) / (self.jobs * 8))))
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-        results: list[Update] = []
-        collected = retries = 0  # chunks whose results are in `results`
-        while collected < len(chunks):
-            pool = self._executor()
-            futures = [pool.submit(_run_chunk, fn, chunk, env) for chunk in chunks[collected:]]
-            try:
-                for fut in futures:
-                    results.extend(fut.result())
-                    collected += 1
-                    advance(len(results))
-            except BrokenProcessPool as exc:
-                for fut in futures:
-                    fut.cancel()
-                self._pool.shutdown(cancel_futures=True)
-                self._pool = None
-                retries += 1
-                if retries > POOL_RETRIES:
-                    raise CurateError(f"stage {env.stage!r}: worker processes died "
-                                      f"{retries} times; giving up ({stable_text(exc)})") from exc
-                self.console.print(f"[yellow]stage {env.stage}: a worker process died; "
-                                   f"rerunning the unfinished chunks (retry {retries} of "
-                                   f"{POOL_RETRIES})[/]")
-        return results
+            if self._ray is not None:
+                return self._ray.map(fn, rows, env, num_gpus, advance)
+            # Forking costs more than it saves on a handful of rows.
+            if self.executor == "local" or self.jobs == 1 or len(rows) < 2 * self.jobs:
+                return map_inline(fn, rows, env, advance)
+            return self._pool.map(fn, rows, env, advance)
 
     def tasks(self, fn: Callable[[Any], Any], jobs: Sequence[Any], *, num_gpus: float = 0,
               desc: str = "") -> Iterator[Any]:
@@ -392,157 +241,78 @@ class Context:
         is not shared with forked workers, and the models use every core themselves.
         """
         jobs = list(jobs)
-        if self.executor != "ray":
+        if self._ray is None:
             for job in jobs:
                 yield fn(job)
             return
-        ray = self._ray()
-        resources = ray.cluster_resources()
-        slots = (int(resources.get("GPU", 0) / num_gpus) if num_gpus
-                 else int(resources.get("CPU", 1)))
-        if slots < 1:
-            raise CurateError(f"{desc or 'this stage'} asks Ray for {num_gpus} GPU(s) per "
-                              f"task and the cluster has {resources.get('GPU', 0)}: start "
-                              "workers with GPUs, or run on the CPU (--device cpu)")
-        remote = _ray_remote(ray, _call)
-        remote = remote.options(num_gpus=num_gpus) if num_gpus else remote
-        fn_ref = ray.put(fn)
-        pending: collections.deque = collections.deque()
-        for job in jobs:
-            if len(pending) >= 2 * slots:
-                yield self._ray_get(ray, pending.popleft(), desc)
-            pending.append(remote.remote(fn_ref, job))
-        while pending:
-            yield self._ray_get(ray, pending.popleft(), desc)
-
-    @staticmethod
-    def _ray_get(ray, ref, desc: str) -> Any:
-        try:
-            return ray.get(ref)
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                ray.exceptions.ObjectLostError) as exc:
-            raise CurateError(f"{desc or 'a Ray task'}: failed even after retries: "
-                              f"{exc}") from exc
+        yield from self._ray.tasks(fn, jobs, num_gpus=num_gpus, desc=desc)
 
     def map_manifest(self, fn: Callable[[dict, SampleEnv], Update], manifest: Manifest,
                      env: SampleEnv, desc: str, *, num_gpus: float = 0
                      ) -> list[Update] | None:
-        """``fn`` over the kept rows of a manifest saved in the workspace, through Ray Data:
-        ``read_parquet`` of its file → ``map_batches`` (bounded batches, streamed, in order)
-        → the updates, in the manifest's order. The driver never ships the rows: workers read
-        them from the shared workspace. None when this does not apply (another executor, or a
-        manifest not saved yet, ``ray_data`` off); the caller then uses :meth:`map`."""
-        if self.executor != "ray" or not self.ray_data or self.workspace is None:
+        """``fn`` over the kept rows of a manifest saved in the workspace, streamed through
+        Ray Data (:meth:`RayRuntime.map_parquet`), in the manifest's order. None when this does
+        not apply (another executor, or a manifest not saved yet, ``ray_data`` off); the
+        caller then uses :meth:`map`."""
+        if self._ray is None or not self.ray_data or self._workspace is None:
             return None
-        path = self.workspace.manifest_path(manifest.id)
+        path = self._workspace.manifest_path(manifest.id)
         if not path.is_file():
             return None
         kept = manifest.header["counts"]["kept"]
         if kept == 0:
             return []
-        ray = self._ray()
-        from ray.data import DataContext
-
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        size = max(1, min(256, math.ceil(manifest.header["counts"]["samples"] / (cpus * 8))))
-        data_context = DataContext.get_current()
-        data_context.execution_options.preserve_order = True
-        data_context.enable_progress_bars = False  # curate shows its own bar
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        # One manifest file reads as one block, and map_batches runs one task per block:
-        # split it so that the batches spread over the cluster.
-        blocks = max(1, math.ceil(len(manifest) / size))
-        dataset = ray.data.read_parquet(str(path.absolute())).repartition(blocks)
-        remote_args = {"num_gpus": num_gpus} if num_gpus else {}
-        dataset = dataset.map_batches(_parquet_batch, batch_size=size, batch_format="pyarrow",
-                                      fn_args=(fn, env), **remote_args)
-        updates: list[Update] = []
-        with self._progress_bar() as bar:
-            task = bar.add_task(desc, total=kept)
-            try:
-                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    for blob in batch["updates"]:
-                        updates.extend(pickle.loads(blob))
-                    bar.update(task, completed=len(updates))
-            except ray.exceptions.RayError as exc:
-                raise CurateError(f"stage {env.stage!r}: Ray Data failed even after "
-                                  f"retries: {exc}") from exc
+        with self.progress(desc, kept) as bar:
+            updates = self._ray.map_parquet(fn, path, manifest.header["counts"]["samples"],
+                                            env, num_gpus,
+                                            lambda done: bar.update(completed=done))
         if len(updates) != kept:
             raise CurateError(f"stage {env.stage!r}: Ray Data returned {len(updates)} results "
                               f"for {kept} kept samples of {path}")
         return updates
 
-    def _map_ray(self, fn, rows: list[dict], env: SampleEnv, num_gpus: float,
-                 advance: Callable[[int], None]) -> list[Update]:
-        """Chunks of rows as Ray tasks, at most two per CPU of the cluster in flight, so the
-        object store holds a bounded slice of the dataset, never all of it. A task whose worker
-        dies is retried (``max_retries``); a sample that raises is already a drop inside
-        :func:`_run_chunk`, so exceptions are never retried."""
-        ray = self._ray()
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        size = max(1, min(256, math.ceil(len(rows) / (cpus * 8))))
-        remote = _ray_remote(ray, _run_chunk)
-        remote = remote.options(num_gpus=num_gpus) if num_gpus else remote
-        env_ref = ray.put(env)
-        pending: collections.deque = collections.deque()
-        results: list[Update] = []
-
-        def collect_oldest() -> None:
-            try:
-                results.extend(ray.get(pending.popleft()))
-            except ray.exceptions.RayError as exc:
-                raise CurateError(f"stage {env.stage!r}: a Ray task failed even after "
-                                  f"retries: {exc}") from exc
-            advance(len(results))
-
-        for start in range(0, len(rows), size):
-            if len(pending) >= 2 * cpus:
-                collect_oldest()
-            pending.append(remote.remote(fn, rows[start:start + size], env_ref))
-        while pending:
-            collect_oldest()
-        return results
-
-    def _progress_bar(self) -> Progress:
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=self.console, transient=True,
-                        disable=not self.progress)
-
 
 # --------------------------------------------------------------------------- stages
-class Stage(abc.ABC):
-    """Base class of a stage. Subclasses set the class attributes and implement ``run``."""
+#: A stage's parameters: a frozen dataclass, one per stage.
+P = TypeVar("P", bound="DataclassInstance")
+
+
+class Stage(abc.ABC, Generic[P]):
+    """Base class of a stage. Subclasses set the class attributes and implement ``run``;
+    ``class Dedup(Stage[DedupParams])`` names the type of its parameters once."""
 
     name: ClassVar[str]
     version: ClassVar[str]
-    Params: ClassVar[type]
+    #: The parameters' class (a ClassVar cannot name a type variable, hence a plain annotation).
+    Params: type[P]
     uses_seed: ClassVar[bool] = False
     #: GPUs one task of this stage asks Ray for (``--executor ray``); 0 for CPU-only stages.
     #: Stages whose device is a parameter override :meth:`gpus` instead.
     num_gpus: ClassVar[float] = 0
 
-    def gpus(self, params: Any) -> float:
+    def gpus(self, params: P) -> float:
         """GPUs one task of this stage asks Ray for, with these parameters."""
         return self.num_gpus
 
     @abc.abstractmethod
-    def run(self, inputs: list[Manifest], params: Any, ctx: Context) -> Manifest:
+    def run(self, inputs: list[Manifest], params: P, ctx: Context) -> Manifest:
         """Compute the output manifest from ``inputs`` (the runner saves and caches it)."""
 
-    def recorded_params(self, params: Any) -> dict[str, Any]:
+    def recorded_params(self, params: P) -> dict[str, Any]:
         """The parameters as the manifest header and the cache key record them. Stages whose
-        parameters name files override this to record the files' content hashes instead: the
-        output depends on what a file says, not on where it lies."""
+        parameters name files override this to record the files' content hashes instead
+        (:func:`recorded_file`): the output depends on what a file says, not on where it
+        lies."""
         return params_dict(params)
 
-    def output(self, parent: Manifest, rows: list[dict[str, Any]], params: Any,
+    def output(self, parent: Manifest, rows: list[dict[str, Any]], params: P,
                ctx: Context) -> Manifest:
         """The child of ``parent`` with ``rows``, stamped with this stage and its parameters."""
         return parent.derive(rows, stage=self.name, stage_version=self.version,
                              params=self.recorded_params(params),
                              seed=ctx.seed if self.uses_seed else None)
 
-    def cache_key(self, inputs: list[Manifest], params: Any, ctx: Context) -> str | None:
+    def cache_key(self, inputs: list[Manifest], params: P, ctx: Context) -> str | None:
         """Key of this stage's output in the cache; None means "always run"."""
         return content_hash({
             "inputs": [m.id for m in inputs],
@@ -552,7 +322,7 @@ class Stage(abc.ABC):
             "seed": ctx.seed if self.uses_seed else None,
         })
 
-    def roots(self, inputs: list[Manifest], params: Any) -> dict[str, str]:
+    def roots(self, inputs: list[Manifest], params: P) -> dict[str, str]:
         """Source folders of the output: by default, those of the inputs."""
         merged: dict[str, str] = {}
         for m in inputs:
@@ -561,10 +331,31 @@ class Stage(abc.ABC):
 
 
 def params_dict(params: Any) -> dict[str, Any]:
-    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        return dataclasses.asdict(params)
+    return dict(params or {})
 
 
-def make_params(stage: type[Stage] | Stage, values: dict[str, Any]) -> Any:
+def recorded_file(path: str | os.PathLike) -> str:
+    """How a parameter that names a file is recorded: ``sha256:<hex digest of its bytes>``.
+
+    Weights and override files decide a stage's output by what they say, not where they lie,
+    so the manifest id and the cache key must not depend on the path. The digest is kept per
+    file version (path, inode, size, modification and change times) for the life of the
+    process: official checkpoints are gigabytes, and the runner asks for the recorded
+    parameters more than once per stage."""
+    st = os.stat(path)
+    digest = _file_digest(str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns,
+                          st.st_ctime_ns)
+    return f"sha256:{digest}"
+
+
+@functools.cache
+def _file_digest(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def make_params(stage: type[Stage[P]] | Stage[P], values: dict[str, Any]) -> P:
     """Build ``stage.Params`` from a dict, with a clear error for unknown or bad fields."""
     known = {f.name for f in dataclasses.fields(stage.Params)}
     unknown = sorted(set(values) - known)
@@ -577,14 +368,15 @@ def make_params(stage: type[Stage] | Stage, values: dict[str, Any]) -> Any:
         raise CurateError(f"bad parameters for stage {stage.name!r}: {exc}") from exc
 
 
-def map_kept(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
+def map_kept(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
              fn: Callable[[dict, SampleEnv], Any], *, desc: str | None = None
              ) -> tuple[list[dict[str, Any]], list[int], list[Any]]:
     """``fn`` over the kept rows: (all rows, indices of the kept ones, their results).
 
     For stages that judge a sample against the others (a category's distribution, clusters of
     duplicates) after measuring each one; stages that only update samples use
-    :func:`map_samples`.
+    :func:`map_samples`. ``params`` is what ``fn`` gets as ``env.params``: the stage's
+    parameters, or anything picklable built from them.
     """
     rows = manifest.row_list()
     kept_idx = [i for i, r in enumerate(rows) if r["status"] == KEPT]
@@ -597,7 +389,7 @@ def map_kept(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
                                    num_gpus=stage.gpus(params))
 
 
-def map_samples(stage: Stage, manifest: Manifest, params: Any, ctx: Context,
+def map_samples(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
                 fn: Callable[[dict, SampleEnv], Update], *, desc: str | None = None
                 ) -> list[dict[str, Any]]:
     """Rows of ``manifest`` with ``fn`` applied to every kept row (dropped rows pass through)."""
@@ -633,7 +425,7 @@ class StageResult:
         }
 
 
-def run_stage(stage: Stage, inputs: list[Manifest], params: Any, ctx: Context, *,
+def run_stage(stage: Stage[P], inputs: list[Manifest], params: P, ctx: Context, *,
               save: bool = True) -> StageResult:
     """Run ``stage`` (or take its output from the cache), save the output, make it HEAD.
 

@@ -26,7 +26,7 @@ def pixel_digest(pixels: np.ndarray) -> str:
     """sha256 over dtype, shape and raw bytes of an array (C order)."""
     pixels = np.ascontiguousarray(pixels)
     h = hashlib.sha256(f"{pixels.dtype.str}:{'x'.join(map(str, pixels.shape))}\n".encode())
-    h.update(pixels.data.cast("B"))
+    h.update(pixels.data.cast("B"))  # the array's own buffer: no copy of a large image
     return h.hexdigest()
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -291,12 +291,19 @@ class Workspace:
 
     # ------------------------------------------------------------------ sources
     def source_file(self, manifest: Manifest, source: str, rel: str) -> Path:
-        """Absolute path of file ``rel`` of source ``source`` (rejects paths escaping the root)."""
-        root = manifest.roots.get(source)
-        if root is None:
-            raise CurateError(f"manifest {manifest.id} does not know where source {source!r} "
-                              "lives: ingest it again in this workspace")
-        return source_file_path(root, rel, what=f"path in source {source!r}")
+        """Absolute path of file ``rel`` of source ``source`` of ``manifest`` (see
+        :func:`source_file`)."""
+        return source_file(manifest.roots, source, rel)
+
+
+def source_file(roots: Mapping[str, str], source: str, rel: str) -> Path:
+    """Absolute path of file ``rel`` of source ``source``, whose folder ``roots`` gives,
+    checked to be still inside that folder (see ``curate.core.files.source_file_path``)."""
+    root = roots.get(source)
+    if root is None:
+        raise CurateError(f"no folder is known for source {source!r}: ingest it again in "
+                          "this workspace")
+    return source_file_path(root, rel, what=f"path in source {source!r}")
 
 
 def _create_marker(marker: Path) -> bool:

@@ -192,7 +192,7 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-class Dedup(Stage):
+class Dedup(Stage[DedupParams]):
     name = "dedup"
     version = "1"
     Params = DedupParams

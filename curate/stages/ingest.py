@@ -74,7 +74,7 @@ def source_fingerprint(root: Path, leave_out: dict[str, str]) -> str:
     return content_hash(entries)
 
 
-class Ingest(Stage):
+class Ingest(Stage[IngestParams]):
     name = "ingest"
     version = "1"
     Params = IngestParams
@@ -87,8 +87,6 @@ class Ingest(Stage):
 
     def _leave_out(self, ctx: Context) -> dict[str, str]:
         """The workspace folder, when it lies inside the source folder: not part of the source."""
-        if ctx.workspace is None:
-            return {}
         workspace = os.path.realpath(ctx.workspace.root)
         root = os.path.realpath(self.root)
         if workspace == root:
@@ -99,7 +97,8 @@ class Ingest(Stage):
         return {Path(os.path.relpath(workspace, root)).as_posix():
                 "the curate workspace of this ingest: curate's own files, not the source's"}
 
-    def cache_key(self, inputs, params: IngestParams, ctx: Context) -> str | None:
+    def cache_key(self, inputs: list[Manifest], params: IngestParams, ctx: Context
+                  ) -> str | None:
         if not self.root.is_dir():
             return None  # let run() say what is wrong
         return content_hash({
@@ -109,7 +108,7 @@ class Ingest(Stage):
             "files": source_fingerprint(self.root, self._leave_out(ctx)),
         })
 
-    def roots(self, inputs, params: IngestParams) -> dict[str, str]:
+    def roots(self, inputs: list[Manifest], params: IngestParams) -> dict[str, str]:
         return {self._source(params): str(self.root)}
 
     def run(self, inputs: list[Manifest], params: IngestParams, ctx: Context) -> Manifest:

@@ -120,7 +120,7 @@ def inspect_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     return {"findings": findings, "measures": measures, "fraction": fraction}
 
 
-class LabelFilter(Stage):
+class LabelFilter(Stage[LabelFilterParams]):
     name = "label_filter"
     version = "1"
     Params = LabelFilterParams

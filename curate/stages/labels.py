@@ -114,7 +114,7 @@ def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
     return update
 
 
-class Labels(Stage):
+class Labels(Stage[LabelsParams]):
     name = "labels"
     version = "2"  # 2: mask files read at full depth, by palette index, label ids as defect
     Params = LabelsParams

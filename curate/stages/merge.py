@@ -20,7 +20,7 @@ class MergeParams:
     pass
 
 
-class Merge(Stage):
+class Merge(Stage[MergeParams]):
     name = "merge"
     version = "1"
     Params = MergeParams
@@ -56,5 +56,6 @@ class Merge(Stage):
             roots=self.roots(inputs, params),
         )
 
-    def cache_key(self, inputs, params, ctx):
+    def cache_key(self, inputs: list[Manifest], params: MergeParams, ctx: Context
+                  ) -> str | None:
         return super().cache_key(sorted(inputs, key=lambda m: m.id), params, ctx)

@@ -95,7 +95,7 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return np.zeros_like(values) if spread == 0 else (values - med) / spread
 
 
-class Quality(Stage):
+class Quality(Stage[QualityParams]):
     name = "quality"
     version = "1"
     Params = QualityParams

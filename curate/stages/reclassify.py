@@ -39,9 +39,15 @@ import numpy as np
 import yaml
 
 from curate.core.errors import CurateError, stable_text
-from curate.core.files import sha256_file
 from curate.core.manifest import Manifest
-from curate.engine.runner import Context, SampleEnv, Stage, map_samples, params_dict
+from curate.engine.runner import (
+    Context,
+    SampleEnv,
+    Stage,
+    map_samples,
+    params_dict,
+    recorded_file,
+)
 from curate.imaging.io import decode
 
 CLASSES = ("C1", "C2", "C3")
@@ -157,7 +163,7 @@ def reclassify_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     return {"category": f"{p.category}_{cls}", "measures": measures}
 
 
-class Reclassify(Stage):
+class Reclassify(Stage[ReclassifyParams]):
     name = "reclassify"
     version = "1"
     Params = ReclassifyParams
@@ -166,7 +172,7 @@ class Reclassify(Stage):
         recorded = params_dict(params)
         if params.overrides:
             # What the overrides say, not where the file lies, decides the output.
-            recorded["overrides"] = f"sha256:{sha256_file(params.overrides)}"
+            recorded["overrides"] = recorded_file(params.overrides)
         return recorded
 
     def run(self, inputs: list[Manifest], params: ReclassifyParams, ctx: Context) -> Manifest:

@@ -173,7 +173,7 @@ class ReviewParams:
     decisions: dict[str, list[str]] = field(default_factory=dict)
 
 
-class Review(Stage):
+class Review(Stage[ReviewParams]):
     """The reviewers' decisions as a stage: recorded in the header, cached like any other."""
 
     name = STAGE

@@ -90,7 +90,7 @@ def _misfiled(row: dict[str, Any]) -> list[tuple[str, str]]:
     return []
 
 
-class Split(Stage):
+class Split(Stage[SplitParams]):
     name = "split"
     version = "1"
     Params = SplitParams

@@ -28,10 +28,16 @@ import cv2
 import numpy as np
 
 from curate.core.errors import CurateError
-from curate.core.files import sha256_file
 from curate.core.manifest import Manifest
 from curate.core.optional import require
-from curate.engine.runner import Context, SampleEnv, Stage, map_samples, params_dict
+from curate.engine.runner import (
+    Context,
+    SampleEnv,
+    Stage,
+    map_samples,
+    params_dict,
+    recorded_file,
+)
 from curate.imaging.io import decode
 
 TEXTURE, OBJECT = "texture", "object"
@@ -77,18 +83,18 @@ def otsu_foreground(grey: np.ndarray) -> tuple[np.ndarray, float]:
     separability = between / total_var
     # The object is the side that touches the image border least.
     border = np.concatenate([above[0], above[-1], above[:, 0], above[:, -1]])
-    fg = above if border.mean() <= 0.5 else ~above
+    side = above if border.mean() <= 0.5 else ~above
     k = max(3, (min(grey.shape) // 100) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    closed = cv2.morphologyEx(side.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+    opened = cv2.morphologyEx(closed, cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     if count <= 1:
         return np.zeros(grey.shape, bool), 0.0
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    fg = (labels == largest).astype(np.uint8)
+    component = (labels == largest).astype(np.uint8)
     # Fill holes: everything not reachable from the border through background.
-    flood = np.pad(1 - fg, 1, constant_values=1)
+    flood = np.pad(1 - component, 1, constant_values=1)
     cv2.floodFill(flood, None, (0, 0), 2)
     fg = (flood[1:-1, 1:-1] != 2)
     return fg, float(separability)
@@ -139,7 +145,7 @@ def foreground_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     return update
 
 
-class Foreground(Stage):
+class Foreground(Stage[ForegroundParams]):
     name = "foreground"
     version = "1"
     Params = ForegroundParams
@@ -160,5 +166,5 @@ class Foreground(Stage):
                 raise CurateError(f"IS-Net weights not found at {params.weights}: download "
                                   "isnet-general-use.pth (DIS repository release) and pass its "
                                   "path")
-            recorded["weights"] = f"sha256:{sha256_file(params.weights)}"
+            recorded["weights"] = recorded_file(params.weights)
         return recorded

@@ -50,7 +50,7 @@ from curate.core.errors import CurateError
 from curate.core.files import sha256_bytes, sha256_file
 from curate.core.manifest import KEPT, Manifest, new_row, sample_id_for
 from curate.core.optional import require
-from curate.engine.runner import Context, SampleEnv, Stage, params_dict
+from curate.engine.runner import Context, SampleEnv, Stage, params_dict, recorded_file
 from curate.engine.workspace import BANK_KIND, BLEND_KIND
 
 # Each source is named after its kind; the workspace knows the kinds (side products).
@@ -71,7 +71,15 @@ def image_seed(seed: int, category: str, index: int) -> int:
 
 def image_strength(image_seed_: int, low: float, high: float) -> float:
     """The strength s of one image: U(low, high) from its own seed, rounded as recorded."""
-    return canonical_float(float(np.random.default_rng(image_seed_).uniform(low, high)))
+    return _recorded_draw(np.random.default_rng(image_seed_).uniform(low, high))
+
+
+def _recorded_draw(value: float) -> float:
+    """A drawn value rounded as the manifest records it (the bounds are finite, so is it)."""
+    rounded = canonical_float(float(value))
+    if rounded is None:
+        raise CurateError(f"a random draw gave {value}: the bounds must be finite")
+    return rounded
 
 
 def _synthetic_row(source: str, category: str, index: int, key: str, store_root: Path,
@@ -155,7 +163,7 @@ class SdasSampleParams:
             raise ValueError("n, steps and batch_size must be at least 1")
 
 
-class SdasSample(Stage):
+class SdasSample(Stage[SdasSampleParams]):
     name = "sdas_sample"
     version = "1"
     Params = SdasSampleParams
@@ -168,16 +176,17 @@ class SdasSample(Stage):
 
     def recorded_params(self, params: SdasSampleParams) -> dict[str, Any]:
         recorded = params_dict(params)
-        recorded["checkpoint"] = f"sha256:{checkpoint_sha256(params.checkpoint)}"
+        recorded["checkpoint"] = recorded_file(checkpoint_file(params.checkpoint))
         return recorded
 
     # The rows' root is the workspace store. The runner asks for the cache key first (with the
     # context) and for the roots later (without it), so the store is learnt here.
-    def cache_key(self, inputs, params, ctx: Context) -> str | None:
+    def cache_key(self, inputs: list[Manifest], params: SdasSampleParams, ctx: Context
+                  ) -> str | None:
         self.store_root = ctx.workspace.store.root.absolute()
         return super().cache_key(inputs, params, ctx)
 
-    def roots(self, inputs, params) -> dict[str, str]:
+    def roots(self, inputs: list[Manifest], params: SdasSampleParams) -> dict[str, str]:
         return {BANK_SOURCE: str(self.store_root)}
 
     def gpus(self, params: SdasSampleParams) -> float:
@@ -195,8 +204,8 @@ class SdasSample(Stage):
                           tuple(seeds[i] for i in batch), tuple(strengths[i] for i in batch))
                 for batch in batches if not all(i in done for i in batch)]
         model_info: dict[str, Any] | None = None
-        with ProgressBar(ctx, f"sdas sample {params.category}", params.n) as (bar, task):
-            bar.update(task, completed=params.n - sum(len(job.indices) for job in jobs))
+        with ctx.progress(f"sdas sample {params.category}", params.n) as bar:
+            bar.update(completed=params.n - sum(len(job.indices) for job in jobs))
             # One task per batch: under --executor ray each asks for a GPU when the device is
             # one, and every worker loads the model once (sample_batch caches it).
             for job, (entries, info) in zip(
@@ -206,7 +215,7 @@ class SdasSample(Stage):
                 for entry in entries:
                     done[entry["index"]] = entry["key"]
                 _append_journal(journal, entries)
-                bar.update(task, advance=len(entries))
+                bar.update(advance=len(entries))
                 if self.on_batch is not None:
                     self.on_batch(list(job.indices))
         if model_info is None:  # every batch was journaled by an earlier, interrupted run
@@ -270,11 +279,11 @@ def sample_batch(job: SampleJob) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def _cached_model(checkpoint: str, device: str):
     """The loaded model, once per process and weights version (a Ray worker keeps it between
     its batches; a checkpoint rewritten by training is loaded again)."""
-    return _load_model_once(checkpoint, checkpoint_sha256(checkpoint), device)
+    return _load_model_once(checkpoint, recorded_file(checkpoint_file(checkpoint)), device)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_model_once(checkpoint: str, sha256: str, device: str):
+def _load_model_once(checkpoint: str, version: str, device: str):
     from curate.stages.sdas.models import load_model
 
     return load_model(checkpoint, device)
@@ -284,21 +293,14 @@ def _model_info(loaded) -> dict[str, Any]:
     return {"sha256": loaded.sha256, "arch": loaded.arch, "image_size": loaded.image_size}
 
 
-def checkpoint_sha256(checkpoint: str) -> str:
-    """sha256 of a checkpoint's weights file (``ema.safetensors`` of a training folder)."""
+def checkpoint_file(checkpoint: str) -> Path:
+    """A checkpoint's weights file (``ema.safetensors`` of a training folder, or the file)."""
     path = Path(checkpoint)
     weights = path / "ema.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise CurateError(f"diffusion checkpoint not found: {weights} (give a folder written "
                           "by `curate sdas train` or an official ADM .pt file)")
-    st = weights.stat()
-    return _sha256_of(str(weights.absolute()), st.st_size, st.st_mtime_ns)
-
-
-@functools.cache
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    # Official checkpoints are 2 GB: hash each version of a file once per process.
-    return sha256_file(path)
+    return weights
 
 
 def _labels(num_classes: int | None, params: SdasSampleParams):
@@ -337,35 +339,6 @@ def _append_journal(path: Path, entries: list[dict[str, Any]]) -> None:
         fh.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
         fh.flush()
         os.fsync(fh.fileno())
-
-
-class ProgressBar:
-    """A rich progress bar on the context's console (disabled when progress is off)."""
-
-    def __init__(self, ctx: Context, desc: str, total: int, **fields: Any):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
-        if "loss" in fields:
-            columns.append(TextColumn("loss {task.fields[loss]:.4f}"))
-        self.bar = Progress(*columns, console=ctx.console, transient=True,
-                            disable=not ctx.progress)
-        self.desc, self.total, self.fields = desc, total, fields
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self.bar, self.bar.add_task(self.desc, total=self.total, **self.fields)
-
-    def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- blending
@@ -420,7 +393,7 @@ def blend_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         mask &= fg
         if mask.any():
             break
-    delta = canonical_float(float(rng.uniform(p.delta_min, p.delta_max)))
+    delta = _recorded_draw(rng.uniform(p.delta_min, p.delta_max))
     if job["source_key"]:
         source = cv2.resize(env.store.read_pixels(job["source_key"]), size,
                             interpolation=cv2.INTER_AREA)
@@ -436,7 +409,7 @@ def blend_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
             **drawn}
 
 
-class SdasBlend(Stage):
+class SdasBlend(Stage[SdasBlendParams]):
     name = "sdas_blend"
     version = "1"
     Params = SdasBlendParams
@@ -444,11 +417,12 @@ class SdasBlend(Stage):
 
     store_root: Path | None = None
 
-    def cache_key(self, inputs, params, ctx: Context) -> str | None:
+    def cache_key(self, inputs: list[Manifest], params: SdasBlendParams, ctx: Context
+                  ) -> str | None:
         self.store_root = ctx.workspace.store.root.absolute()  # see SdasSample.cache_key
         return super().cache_key(inputs, params, ctx)
 
-    def roots(self, inputs, params) -> dict[str, str]:
+    def roots(self, inputs: list[Manifest], params: SdasBlendParams) -> dict[str, str]:
         return {BLEND_SOURCE: str(self.store_root)}
 
     def run(self, inputs: list[Manifest], params: SdasBlendParams, ctx: Context) -> Manifest:
@@ -467,7 +441,8 @@ class SdasBlend(Stage):
         n = params.n or len(bases)
         rng = np.random.default_rng(_derived_seed(ctx.seed, self.name, params.category))
         base_idx = np.arange(n) % len(bases) if not params.n else rng.integers(len(bases), size=n)
-        source_idx = rng.integers(len(sources), size=n) if sources else None
+        source_keys = ([sources[int(k)] for k in rng.integers(len(sources), size=n)]
+                       if sources else [""] * n)
         jobs = []
         for i in range(n):
             base = bases[int(base_idx[i])]
@@ -475,7 +450,7 @@ class SdasBlend(Stage):
                 "sample_id": sample_id_for(BLEND_SOURCE, f"{params.category}/{i:06d}"),
                 "path": base["path"], "base": base,
                 "foreground": base["artifacts"].get("foreground", ""),
-                "source_key": sources[int(source_idx[i])] if sources else "",
+                "source_key": source_keys[i],
             })
         env = ctx.env(self.name, params, manifest.roots, seed=True)
         results = ctx.map(blend_sample, jobs, env, f"sdas blend {params.category}")
@@ -497,7 +472,8 @@ class SdasBlend(Stage):
             if job["source_key"]:
                 artifacts["anomaly_source"] = job["source_key"]
             rows.append(_synthetic_row(BLEND_SOURCE, params.category, i, res["image"],
-                                       self.store_root, tuple(res["shape"]),
+                                       ctx.workspace.store.root.absolute(),
+                                       tuple(res["shape"]),
                                        artifacts=artifacts, measures=measures,
                                        defect_classes=[SYNTHETIC]))
         return Manifest.build(

@@ -1,6 +1,6 @@
 """A Dinomaly-style reconstruction model over fixed patch descriptors.
 
-SSFilter's full mode (``curate.stages.ssfilter.stage``) trains a decoder to rebuild a frozen
+SSFilter's full mode (``curate.stages.ssfilter.models``) trains a decoder to rebuild a frozen
 encoder's patch features through a noisy bottleneck, and reads its uncertainty off K dropout
 passes. The paper's encoder is a pretrained DINOv2; where no pretrained weights exist the
 frozen encoder is one of the weight-free descriptors of ``curate.stages.ssfilter.features``. Because such
@@ -13,7 +13,8 @@ model width, a few pre-norm self-attention blocks over the image's patches (with
 position embedding), and a linear map back to the descriptor's channels. The loss and the
 anomaly map are per-patch squared errors of channel-standardised features: the weight-free
 descriptors are compared by Euclidean distance after standardising, and their patches near
-zero after centring make a cosine loss meaningless (see ``curate.stages.ssfilter.stage``).
+zero after centring make a cosine loss meaningless (see
+``curate.stages.ssfilter.scoring.mutual_scores``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ An 8×8 grid for the weight-free descriptors, not 16×16: on MTD both score the 
 0.64 vs 0.63) and the batch similarity matrix is 16 times smaller (a CPU runs 20 shufflings of
 1,000 images in about a minute instead of half an hour). Backbone features are compared by
 cosine, as in the paper; the weight-free ones by Euclidean distance after z-scoring each channel
-over the batch (``metric``; see ``curate.stages.ssfilter.stage.mutual_scores`` for why).
+over the batch (``metric``; see ``curate.stages.ssfilter.scoring.mutual_scores`` for why).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 WEIGHT_FREE = ("randconv", "texture")
@@ -178,9 +179,9 @@ class BackboneDescriptor(Descriptor):
         super().__init__(name, image_size, "cosine", seed, device, backbone.describe())
         self.module = backbone.module.to(device).eval()
         self.is_vit = name.startswith("dinov2")
-        if self.is_vit and image_size % self.module.patch_size:
+        if self.is_vit and image_size % vit_layout(self.module)[0]:
             raise ValueError(f"ssfilter: image_size {image_size} is not a multiple of the "
-                             f"patch size {self.module.patch_size} of {name}")
+                             f"patch size {vit_layout(self.module)[0]} of {name}")
 
     def tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         rgb = np.stack([_resized(_rgb(im), self.image_size) for im in images])
@@ -194,10 +195,20 @@ class BackboneDescriptor(Descriptor):
     @torch.no_grad()
     def from_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_vit:
-            return vit_patch_features(self.module(x, depth=8), self.module.num_prefix_tokens)
+            return vit_patch_features(self.module(x, depth=8), vit_layout(self.module)[1])
         f2, f3 = self.module(x)
         f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([f2, f3], dim=1).flatten(2).transpose(1, 2).contiguous()
+
+
+def vit_layout(module: nn.Module) -> tuple[int, int]:
+    """(patch size, prefix tokens: class and registers) of a DINOv2 encoder of
+    ``detectors.backbones``. Checked here because a module's attributes are untyped (mypy
+    sees any ``nn.Module`` attribute as a tensor or a module)."""
+    patch, prefix = module.patch_size, module.num_prefix_tokens
+    if not isinstance(patch, int) or not isinstance(prefix, int):
+        raise TypeError(f"{type(module).__name__} is not a ViT encoder of detectors.backbones")
+    return patch, prefix
 
 
 def vit_patch_features(hidden: Sequence[torch.Tensor], prefix: int,
