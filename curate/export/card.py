@@ -35,6 +35,7 @@ from curate import __version__
 from curate.core.canonical import canonical_json
 from curate.core.files import atomic_write_bytes, atomic_write_text
 from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.store import Store
 from curate.export.index import read_report
 from curate.sources.catalog import CATALOG
@@ -44,7 +45,6 @@ FIGURES_DIR = "card"
 COUNTS_FIGURE = "counts.png"
 AREA_FIGURE = "defect_area.png"
 ASPECT_FIGURE = "aspect_ratio.png"
-MASK_FRACTION = "labels.mask_fraction"
 SPLITS = ("train", "test")
 NORMAL, ANOMALOUS = "normal", "anomalous"
 #: Table I of the HSS-IAD paper ("Proportion", abnormal pixels): one figure for its whole
@@ -151,7 +151,7 @@ def _add_kept_sample(stats: CategoryStats, row: dict[str, Any], store: Store) ->
         return
     stats.images[(split, ANOMALOUS)] += 1
     stats.defect_labels[label] += 1
-    fraction = row["measures"].get(MASK_FRACTION)
+    fraction = row["measures"].get(LABELS_MASK_FRACTION)
     if fraction is None:
         stats.unmeasured += 1
     else:
@@ -360,7 +360,7 @@ def _area_section(stats: DatasetStats, figures: Collection[str],
                   manifest: Manifest) -> list[str]:
     lines = ["## Defect area", "",
              f"Share of the image covered by each kept defective sample's mask "
-             f"(`{MASK_FRACTION}`).", ""]
+             f"(`{LABELS_MASK_FRACTION}`).", ""]
     rows = []
     for name, c in stats.categories.items():
         if not c.defective:

@@ -59,6 +59,7 @@ from curate import __version__
 from curate.core.errors import CurateError
 from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.runner import Context, SampleEnv
 from curate.export.staging import staged, write_failure
 from curate.imaging.io import decode, encode_png
@@ -109,7 +110,7 @@ def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
 def _has_masks(kept: list[dict[str, Any]]) -> bool:
     """Whether masks were made for these rows: the labels stage measured them, or a stage
     that writes its own (``sdas blend``) stored one."""
-    return any("labels.mask_fraction" in r["measures"] or "mask" in r["artifacts"] for r in kept)
+    return any(LABELS_MASK_FRACTION in r["measures"] or "mask" in r["artifacts"] for r in kept)
 
 
 def mask_is_usable(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
