@@ -80,8 +80,11 @@ def test_counts_table_has_a_row_per_category_matching_the_manifest(built, tmp_pa
     for row in built.manifest.rows():
         counts = expected.setdefault(row["category"], Counter())
         if row["status"] == KEPT:
-            kind = "normal" if row["label"] == "good" else "anomalous"
-            counts[(row["split"] or "test", kind)] += 1
+            # As the export files them: an anomalous image is a test image whatever its split.
+            if row["label"] == "good":
+                counts[(row["split"] or "test", "normal")] += 1
+            else:
+                counts[("test", "anomalous")] += 1
     rows = table_rows(section(card, "Images per category"))
     assert set(rows) == set(expected) | {"category", "**all**"}
     for category, counts in expected.items():
@@ -90,6 +93,10 @@ def test_counts_table_has_a_row_per_category_matching_the_manifest(built, tmp_pa
                            counts[("test", "normal")], counts[("test", "anomalous")],
                            counts.total()], category
     assert sum(int(rows[c][0]) for c in expected) > 0  # the train columns are exercised
+    # Anomalous images the sources filed under train (Severstal's train set) count as test.
+    assert any(r["status"] == KEPT and r["label"] != "good" and r["split"] == "train"
+               for r in built.manifest.rows())
+    assert all(int(rows[c][1]) == 0 for c in expected)
     assert int(rows["**all**"][4]) == built.manifest.header["counts"]["kept"]
 
 

@@ -38,6 +38,7 @@ from curate.core.manifest import GOOD, KEPT, Manifest
 from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.store import Store
 from curate.export.index import read_report
+from curate.export.mvtec import split_and_label
 from curate.sources.catalog import CATALOG
 
 CARD_NAME = "card.md"
@@ -143,9 +144,7 @@ def dataset_stats(manifest: Manifest, store: Store) -> DatasetStats:
 
 
 def _add_kept_sample(stats: CategoryStats, row: dict[str, Any], store: Store) -> None:
-    # Split and label as the MVTec exporter files them: no split yet means test, no label good.
-    split = row["split"] or "test"
-    label = row["label"] or GOOD
+    split, label = split_and_label(row)
     if label == GOOD:
         stats.images[(split, NORMAL)] += 1
         return
@@ -306,7 +305,8 @@ def _provenance(manifest: Manifest, report: dict[str, Any], export_link: str,
 
 def _counts_section(stats: DatasetStats, figures: Collection[str]) -> list[str]:
     lines = ["## Images per category", "",
-             "Kept samples, filed as in the export (a sample without a split is a test sample).",
+             "Kept samples, filed as in the export (a sample without a split, and every "
+             "anomalous sample, is a test sample).",
              ""]
     if not stats.categories:
         return lines + ["none", ""]

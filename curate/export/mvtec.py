@@ -107,6 +107,14 @@ def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
     return folder
 
 
+def split_and_label(row: dict[str, Any]) -> tuple[str, str]:
+    """Where the export files a kept row, as (split, label): no label means ``good``; a good
+    image goes to its split (``test`` while none is assigned), a defective one always to
+    ``test`` (see the module docstring). The dataset card counts images by the same rule."""
+    label = row["label"] or GOOD
+    return ((row["split"] or "test") if label == GOOD else "test"), label
+
+
 def _has_masks(kept: list[dict[str, Any]]) -> bool:
     """Whether masks were made for these rows: the labels stage measured them, or a stage
     that writes its own (``sdas blend``) stored one."""
@@ -156,11 +164,11 @@ def _plan(manifest: Manifest, images: str, ctx: Context
             raise CurateError(f"category {row['category']!r} has the name of the folder the "
                               f"export keeps foreground masks in ({FOREGROUND}/): rename the "
                               "category")
-        label = _folder(row["label"] or GOOD, "labels", labels.setdefault(category, {GOOD: GOOD}),
+        split, label_name = split_and_label(row)
+        label = _folder(label_name, "labels", labels.setdefault(category, {GOOD: GOOD}),
                         f" of category {row['category']!r}")
         if row["sample_id"] in unusable:
             continue
-        split = (row["split"] or "test") if label == GOOD else "test"
         folders.setdefault((category, split, label), []).append(row)
     jobs = []
     for (category, split, label), rows in sorted(folders.items()):
