@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,7 +222,7 @@ def _plain_log_scale(ax: Axes) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _box_figure(values: dict[str, Sequence[float]], *, title: str, ylabel: str) -> Figure:
+def _box_figure(values: Mapping[str, Sequence[float]], *, title: str, ylabel: str) -> Figure:
     """One box per category (all points beyond the whiskers drawn), log-scaled y axis."""
     names = list(values)
     figure = Figure(figsize=(_width(len(names)), 4.8))
