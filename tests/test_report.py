@@ -174,6 +174,24 @@ def test_sources_section_names_licence_and_citation(built, tmp_path):
     assert "Tabernik" in sources["kolektorsdd"][4]
 
 
+def test_card_from_a_report_in_hand_matches_the_card_read_from_disk(built, tmp_path):
+    """A build hands the card the export report it has just written: the same card, without
+    reading ``curate-export.json`` (here the card's folder holds none)."""
+    marker = built.export / "curate-export.json"
+    report = json.loads(marker.read_text())
+    # Two exports with the card beside each (the card links its export by relative path).
+    for name in ("disk", "hand"):
+        (tmp_path / name / "export").mkdir(parents=True)
+    (tmp_path / "disk" / "export" / marker.name).write_bytes(marker.read_bytes())
+    from_disk = write_card(built.manifest, tmp_path / "disk" / "export", built.workspace.store,
+                           tmp_path / "disk" / "card").read_text()
+    in_hand = write_card(built.manifest, tmp_path / "hand" / "export", built.workspace.store,
+                         tmp_path / "hand" / "card", report=report).read_text()
+    assert in_hand == from_disk
+    with pytest.raises(CurateError, match="curate-export.json"):
+        write_card(built.manifest, tmp_path / "hand" / "export", built.workspace.store)
+
+
 def test_missing_export_report_is_a_curate_error(built, tmp_path):
     with pytest.raises(CurateError, match="curate-export.json"):
         write_card(built.manifest, tmp_path, built.workspace.store)

@@ -470,17 +470,21 @@ def card_markdown(manifest: Manifest, report: dict[str, Any], stats: DatasetStat
 
 # --------------------------------------------------------------------------- writing
 def write_card(manifest: Manifest, export_dir: str | os.PathLike, store: Store,
-               out_dir: str | os.PathLike | None = None, *, recipe: str | None = None,
+               out_dir: str | os.PathLike | None = None, *,
+               report: dict[str, Any] | None = None, recipe: str | None = None,
                missing: dict[str, str] | None = None) -> Path:
     """Write ``card.md`` and its plots under ``card/`` into ``out_dir`` (default: the export).
-    ``recipe`` names the recipe that built ``manifest``, ``missing`` its sources that were
-    not found (kind -> why; a build's ``BuildResult.missing``).
+    ``report`` is the export's report where the caller holds it (the build that has just
+    written it; otherwise it is read from ``export_dir``), ``recipe`` names the recipe that
+    built ``manifest``, ``missing`` its sources that were not found (kind -> why; a build's
+    ``BuildResult.missing``).
 
-    Returns the path of ``card.md``. Raises CurateError if ``export_dir`` holds no export
-    report, or a mask is missing from ``store``.
+    Returns the path of ``card.md``. Raises CurateError if ``report`` is not given and
+    ``export_dir`` holds no export report, or if a mask is missing from ``store``.
     """
     export_dir = Path(export_dir)
-    report = read_report(export_dir)
+    if report is None:
+        report = read_report(export_dir)
     out_dir = Path(out_dir) if out_dir is not None else export_dir
     stats = dataset_stats(manifest, store)
     # The default style: a user's matplotlibrc must not change the card's bytes.
