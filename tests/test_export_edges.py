@@ -330,6 +330,25 @@ def test_build_exports_are_all_or_nothing(ctx, labelled, tmp_path, monkeypatch):
     assert tree_digest(out) == before and leftovers(out) == []
 
 
+def test_build_exports_hand_the_report_on_instead_of_reading_it_back(ctx, labelled, tmp_path,
+                                                                    monkeypatch):
+    """The lists and the card are written from the report the MVTec export has just written,
+    not from ``curate-export.json`` read back (which the standalone commands do)."""
+    import curate.export.card as card
+    import curate.export.realiad as realiad
+    import curate.export.realnet as realnet
+
+    def no_reading(export_dir):
+        raise AssertionError(f"{export_dir}: the report was read back")
+
+    for module in (realnet, realiad, card):
+        monkeypatch.setattr(module, "read_report", no_reading)
+    _, manifest = labelled
+    result = BuildResult("hss-iad", [SimpleNamespace(manifest=manifest)], {}, {})
+    exports = export_all(result, load_recipe("hss-iad"), ctx, tmp_path / "out")
+    assert exports["realnet"] and exports["realiad"] and Path(exports["card"]).is_file()
+
+
 def test_a_defective_sample_without_a_mask_is_still_only_skipped(ctx, labelled, tmp_path):
     """The one legitimate skip: listed in the report, the rest exported, no failure."""
     root, manifest = labelled

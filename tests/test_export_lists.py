@@ -158,6 +158,19 @@ def test_realnet_refuses_a_category_named_like_its_all_category_lists(tmp_path):
 
 # ----------------------------------------------------------------------------------- both
 @pytest.mark.parametrize("fmt", EXPORTERS)
+def test_lists_from_a_report_in_hand_match_those_read_from_disk(fmt, tmp_path):
+    """A build hands the exporter the report it has just written: the same lists, and the
+    file on disk is not read (here it is gone)."""
+    export = _hand_export(tmp_path / "hand")
+    from_disk = {p: p.read_bytes() for p in EXPORTERS[fmt](export)}
+    report = json.loads((export / MARKER).read_text())
+    (export / MARKER).unlink()
+    assert {p: p.read_bytes() for p in EXPORTERS[fmt](export, report)} == from_disk
+    with pytest.raises(CurateError, match="not found"):
+        EXPORTERS[fmt](export)
+
+
+@pytest.mark.parametrize("fmt", EXPORTERS)
 def test_lists_are_byte_for_byte_the_same_on_a_second_run(fmt, tmp_path):
     export = _hand_export(tmp_path / "hand")
     first = {p: p.read_bytes() for p in EXPORTERS[fmt](export)}

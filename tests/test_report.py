@@ -80,8 +80,11 @@ def test_counts_table_has_a_row_per_category_matching_the_manifest(built, tmp_pa
     for row in built.manifest.rows():
         counts = expected.setdefault(row["category"], Counter())
         if row["status"] == KEPT:
-            kind = "normal" if row["label"] == "good" else "anomalous"
-            counts[(row["split"] or "test", kind)] += 1
+            # As the export files them: an anomalous image is a test image whatever its split.
+            if row["label"] == "good":
+                counts[(row["split"] or "test", "normal")] += 1
+            else:
+                counts[("test", "anomalous")] += 1
     rows = table_rows(section(card, "Images per category"))
     assert set(rows) == set(expected) | {"category", "**all**"}
     for category, counts in expected.items():
@@ -90,6 +93,10 @@ def test_counts_table_has_a_row_per_category_matching_the_manifest(built, tmp_pa
                            counts[("test", "normal")], counts[("test", "anomalous")],
                            counts.total()], category
     assert sum(int(rows[c][0]) for c in expected) > 0  # the train columns are exercised
+    # Anomalous images the sources filed under train (Severstal's train set) count as test.
+    assert any(r["status"] == KEPT and r["label"] != "good" and r["split"] == "train"
+               for r in built.manifest.rows())
+    assert all(int(rows[c][1]) == 0 for c in expected)
     assert int(rows["**all**"][4]) == built.manifest.header["counts"]["kept"]
 
 
@@ -165,6 +172,24 @@ def test_sources_section_names_licence_and_citation(built, tmp_path):
     assert set(sources) == {"source", *KINDS}
     assert sources["kolektorsdd"][3] == "CC BY-NC-SA 4.0"
     assert "Tabernik" in sources["kolektorsdd"][4]
+
+
+def test_card_from_a_report_in_hand_matches_the_card_read_from_disk(built, tmp_path):
+    """A build hands the card the export report it has just written: the same card, without
+    reading ``curate-export.json`` (here the card's folder holds none)."""
+    marker = built.export / "curate-export.json"
+    report = json.loads(marker.read_text())
+    # Two exports with the card beside each (the card links its export by relative path).
+    for name in ("disk", "hand"):
+        (tmp_path / name / "export").mkdir(parents=True)
+    (tmp_path / "disk" / "export" / marker.name).write_bytes(marker.read_bytes())
+    from_disk = write_card(built.manifest, tmp_path / "disk" / "export", built.workspace.store,
+                           tmp_path / "disk" / "card").read_text()
+    in_hand = write_card(built.manifest, tmp_path / "hand" / "export", built.workspace.store,
+                         tmp_path / "hand" / "card", report=report).read_text()
+    assert in_hand == from_disk
+    with pytest.raises(CurateError, match="curate-export.json"):
+        write_card(built.manifest, tmp_path / "hand" / "export", built.workspace.store)
 
 
 def test_missing_export_report_is_a_curate_error(built, tmp_path):

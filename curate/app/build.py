@@ -104,10 +104,15 @@ def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collec
     ``card`` (``recipe`` and ``missing``, the sources the recipe found missing, go on it).
 
     All written into one temporary folder that replaces ``out`` only once everything is in
-    it: a failure anywhere leaves ``out`` as it was (see :mod:`curate.export.staging`)."""
+    it: a failure anywhere leaves ``out`` as it was (see :mod:`curate.export.staging`). The
+    export's report (``curate-export.json``) is written once and handed to the lists and
+    the card as it is, not read back."""
     from curate.export.mvtec import MARKER, write_mvtec
     from curate.export.staging import staged
 
+    if ctx.workspace is None:  # the masks and foregrounds to export are in its store
+        raise CurateError(f"exporting manifest {manifest.id} needs the workspace it was saved in")
+    store = ctx.workspace.store
     exports: dict[str, Any] = {}
     with staged(out, marker=MARKER, overwrite=overwrite, manifest=manifest.id) as tmp:
         def final(paths: list[Path]) -> list[str]:
@@ -124,14 +129,15 @@ def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collec
         if "realnet" in formats:
             from curate.export.realnet import export_realnet
 
-            exports["realnet"] = final(export_realnet(tmp))
+            exports["realnet"] = final(export_realnet(tmp, report))
         if "realiad" in formats:
             from curate.export.realiad import export_realiad
 
-            exports["realiad"] = final(export_realiad(tmp))
+            exports["realiad"] = final(export_realiad(tmp, report))
         if card:
             from curate.export.card import write_card
 
-            (exports["card"],) = final([write_card(manifest, tmp, ctx.workspace.store,
-                                                   recipe=recipe, missing=missing)])
+            (exports["card"],) = final([write_card(manifest, tmp, store,
+                                                   report=report, recipe=recipe,
+                                                   missing=missing)])
     return exports

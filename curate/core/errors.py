@@ -2,7 +2,7 @@
 
 A :class:`CurateError` is the "one clear sentence" a command stops with when nothing sensible
 can continue; the CLI prints it without a traceback and exits 1. Problems with a single sample
-are not exceptions: the sample is dropped with a reason (see ``curate.core.manifest.Reason``).
+are not exceptions: the sample is dropped with a reason (see :func:`curate.core.manifest.drop`).
 """
 
 import re

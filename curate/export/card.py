@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,10 @@ from curate import __version__
 from curate.core.canonical import canonical_json
 from curate.core.files import atomic_write_bytes, atomic_write_text
 from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.store import Store
 from curate.export.index import read_report
+from curate.export.mvtec import split_and_label
 from curate.sources.catalog import CATALOG
 
 CARD_NAME = "card.md"
@@ -44,7 +46,6 @@ FIGURES_DIR = "card"
 COUNTS_FIGURE = "counts.png"
 AREA_FIGURE = "defect_area.png"
 ASPECT_FIGURE = "aspect_ratio.png"
-MASK_FRACTION = "labels.mask_fraction"
 SPLITS = ("train", "test")
 NORMAL, ANOMALOUS = "normal", "anomalous"
 #: Table I of the HSS-IAD paper ("Proportion", abnormal pixels): one figure for its whole
@@ -143,15 +144,13 @@ def dataset_stats(manifest: Manifest, store: Store) -> DatasetStats:
 
 
 def _add_kept_sample(stats: CategoryStats, row: dict[str, Any], store: Store) -> None:
-    # Split and label as the MVTec exporter files them: no split yet means test, no label good.
-    split = row["split"] or "test"
-    label = row["label"] or GOOD
+    split, label = split_and_label(row)
     if label == GOOD:
         stats.images[(split, NORMAL)] += 1
         return
     stats.images[(split, ANOMALOUS)] += 1
     stats.defect_labels[label] += 1
-    fraction = row["measures"].get(MASK_FRACTION)
+    fraction = row["measures"].get(LABELS_MASK_FRACTION)
     if fraction is None:
         stats.unmeasured += 1
     else:
@@ -223,7 +222,7 @@ def _plain_log_scale(ax: Axes) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _box_figure(values: dict[str, Sequence[float]], *, title: str, ylabel: str) -> Figure:
+def _box_figure(values: Mapping[str, Sequence[float]], *, title: str, ylabel: str) -> Figure:
     """One box per category (all points beyond the whiskers drawn), log-scaled y axis."""
     names = list(values)
     figure = Figure(figsize=(_width(len(names)), 4.8))
@@ -306,7 +305,8 @@ def _provenance(manifest: Manifest, report: dict[str, Any], export_link: str,
 
 def _counts_section(stats: DatasetStats, figures: Collection[str]) -> list[str]:
     lines = ["## Images per category", "",
-             "Kept samples, filed as in the export (a sample without a split is a test sample).",
+             "Kept samples, filed as in the export (a sample without a split, and every "
+             "anomalous sample, is a test sample).",
              ""]
     if not stats.categories:
         return lines + ["none", ""]
@@ -360,7 +360,7 @@ def _area_section(stats: DatasetStats, figures: Collection[str],
                   manifest: Manifest) -> list[str]:
     lines = ["## Defect area", "",
              f"Share of the image covered by each kept defective sample's mask "
-             f"(`{MASK_FRACTION}`).", ""]
+             f"(`{LABELS_MASK_FRACTION}`).", ""]
     rows = []
     for name, c in stats.categories.items():
         if not c.defective:
@@ -470,17 +470,21 @@ def card_markdown(manifest: Manifest, report: dict[str, Any], stats: DatasetStat
 
 # --------------------------------------------------------------------------- writing
 def write_card(manifest: Manifest, export_dir: str | os.PathLike, store: Store,
-               out_dir: str | os.PathLike | None = None, *, recipe: str | None = None,
+               out_dir: str | os.PathLike | None = None, *,
+               report: dict[str, Any] | None = None, recipe: str | None = None,
                missing: dict[str, str] | None = None) -> Path:
     """Write ``card.md`` and its plots under ``card/`` into ``out_dir`` (default: the export).
-    ``recipe`` names the recipe that built ``manifest``, ``missing`` its sources that were
-    not found (kind -> why; a build's ``BuildResult.missing``).
+    ``report`` is the export's report where the caller holds it (the build that has just
+    written it; otherwise it is read from ``export_dir``), ``recipe`` names the recipe that
+    built ``manifest``, ``missing`` its sources that were not found (kind -> why; a build's
+    ``BuildResult.missing``).
 
-    Returns the path of ``card.md``. Raises CurateError if ``export_dir`` holds no export
-    report, or a mask is missing from ``store``.
+    Returns the path of ``card.md``. Raises CurateError if ``report`` is not given and
+    ``export_dir`` holds no export report, or if a mask is missing from ``store``.
     """
     export_dir = Path(export_dir)
-    report = read_report(export_dir)
+    if report is None:
+        report = read_report(export_dir)
     out_dir = Path(out_dir) if out_dir is not None else export_dir
     stats = dataset_stats(manifest, store)
     # The default style: a user's matplotlibrc must not change the card's bytes.

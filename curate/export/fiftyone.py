@@ -46,6 +46,7 @@ from typing import Any
 from curate import __version__
 from curate.core.errors import CurateError
 from curate.core.manifest import DROPPED, Manifest
+from curate.core.measures import DEDUP_CLUSTER
 from curate.engine.workspace import Workspace
 from curate.stages.review import fiftyone_module
 
@@ -80,10 +81,10 @@ def sample_fields(row: dict[str, Any], workspace: Workspace, manifest: Manifest
         "sample_id": row["sample_id"], "source": row["source"], "path": row["path"],
         "category": row["category"], "split": row["split"], "label": row["label"],
         "defect_classes": list(row["defect_classes"]), "status": row["status"],
-        "group": row["group"], "dedup_cluster": row["measures"].get("dedup.cluster"),
+        "group": row["group"], "dedup_cluster": row["measures"].get(DEDUP_CLUSTER),
     }
     for name, value in sorted(row["measures"].items()):
-        if name != "dedup.cluster":
+        if name != DEDUP_CLUSTER:
             fields[_field_name(name)] = value
     tags = ["dropped"] if row["status"] == DROPPED else []
     tags += sorted({f"reason:{n['code']}" for n in row["reasons"]})

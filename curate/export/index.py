@@ -1,11 +1,14 @@
-"""Read an MVTec export's ``curate-export.json`` back, for the exporters that list its files.
+"""An MVTec export's report (``curate-export.json``) as the images it lists, for the exporters
+that list its files.
 
 Loaders such as RealNet's and Real-IAD's take a list of samples instead of walking folders.
 Those lists are written from the report rather than from the tree on disk: the report says
 exactly which files this export wrote (a stray file dropped into the tree later is not
-listed), and it is the same document whatever the image format. :func:`read_export` checks
-what the lists rely on and turns each ``files`` entry into an :class:`ExportedImage`;
-:func:`write_lists` writes the lists into a folder of the export root.
+listed), and it is the same document whatever the image format. A build hands the lists and
+the card the report it has just written; a standalone command reads it back with
+:func:`read_report`. :func:`exported_images` checks what the lists rely on and turns each
+``files`` entry into an :class:`ExportedImage`; :func:`write_lists` writes the lists into a
+folder of the export root.
 """
 
 from __future__ import annotations
@@ -60,15 +63,16 @@ def read_report(export_dir: str | os.PathLike) -> dict[str, Any]:
     return report
 
 
-def read_export(export_dir: str | os.PathLike) -> list[ExportedImage]:
-    """Every image listed in ``<export_dir>/curate-export.json``, sorted by file.
+def exported_images(report: dict[str, Any], export_dir: str | os.PathLike
+                    ) -> list[ExportedImage]:
+    """Every image ``report`` (the report of the export at ``export_dir``) lists, sorted by
+    file.
 
-    Raises :class:`CurateError` naming the report when it is missing, is not JSON, or lists
-    an image outside the ``<Category>/<train|test>/<label>/<name>`` layout, twice, or with a
-    mask path that is not a relative path inside the image's category folder.
+    Raises :class:`CurateError` naming the report when it lists an image outside the
+    ``<Category>/<train|test>/<label>/<name>`` layout, twice, or with a mask path that is not
+    a relative path inside the image's category folder.
     """
     path = Path(export_dir) / MARKER
-    report = read_report(export_dir)
     images = sorted((_image(entry, path) for entry in report["files"]), key=lambda i: i.file)
     for a, b in zip(images, images[1:], strict=False):
         if a.file == b.file:

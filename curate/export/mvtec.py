@@ -59,6 +59,7 @@ from curate import __version__
 from curate.core.errors import CurateError
 from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.runner import Context, SampleEnv
 from curate.export.staging import staged, write_failure
 from curate.imaging.io import decode, encode_png
@@ -106,10 +107,18 @@ def _folder(value: str, what: str, taken: dict[str, str], where: str) -> str:
     return folder
 
 
+def split_and_label(row: dict[str, Any]) -> tuple[str, str]:
+    """Where the export files a kept row, as (split, label): no label means ``good``; a good
+    image goes to its split (``test`` while none is assigned), a defective one always to
+    ``test`` (see the module docstring). The dataset card counts images by the same rule."""
+    label = row["label"] or GOOD
+    return ((row["split"] or "test") if label == GOOD else "test"), label
+
+
 def _has_masks(kept: list[dict[str, Any]]) -> bool:
     """Whether masks were made for these rows: the labels stage measured them, or a stage
     that writes its own (``sdas blend``) stored one."""
-    return any("labels.mask_fraction" in r["measures"] or "mask" in r["artifacts"] for r in kept)
+    return any(LABELS_MASK_FRACTION in r["measures"] or "mask" in r["artifacts"] for r in kept)
 
 
 def mask_is_usable(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
@@ -155,11 +164,11 @@ def _plan(manifest: Manifest, images: str, ctx: Context
             raise CurateError(f"category {row['category']!r} has the name of the folder the "
                               f"export keeps foreground masks in ({FOREGROUND}/): rename the "
                               "category")
-        label = _folder(row["label"] or GOOD, "labels", labels.setdefault(category, {GOOD: GOOD}),
+        split, label_name = split_and_label(row)
+        label = _folder(label_name, "labels", labels.setdefault(category, {GOOD: GOOD}),
                         f" of category {row['category']!r}")
         if row["sample_id"] in unusable:
             continue
-        split = (row["split"] or "test") if label == GOOD else "test"
         folders.setdefault((category, split, label), []).append(row)
     jobs = []
     for (category, split, label), rows in sorted(folders.items()):

@@ -67,9 +67,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from curate.core.errors import CurateError
-from curate.export.index import SPLITS, ExportedImage, read_export, write_lists
+from curate.export.index import SPLITS, ExportedImage, exported_images, read_report, write_lists
 from curate.export.mvtec import MARKER
 
 FOLDER = "realiad"
@@ -86,11 +87,13 @@ def _sample(image: ExportedImage) -> dict[str, str | None]:
             "mask_path": None if image.mask is None else in_category(image.mask)}
 
 
-def export_realiad(export_dir: str | os.PathLike) -> list[Path]:
+def export_realiad(export_dir: str | os.PathLike, report: dict[str, Any] | None = None
+                   ) -> list[Path]:
     """Write one Real-IAD JSON per category of the export at ``export_dir``; returns their
-    paths."""
+    paths. ``report`` is the export's report where the caller holds it (the build that has
+    just written it); without it, it is read from the export's ``curate-export.json``."""
     export_dir = Path(export_dir)
-    images = read_export(export_dir)
+    images = exported_images(read_report(export_dir) if report is None else report, export_dir)
     for image in images:
         if not image.good and (image.mask is None or image.label == NORMAL_CLASS):
             why = "no mask" if image.mask is None else f"the label {NORMAL_CLASS!r}"
@@ -100,7 +103,7 @@ def export_realiad(export_dir: str | os.PathLike) -> list[Path]:
     for category in sorted({image.category for image in images}):
         doc: dict = {"meta": {"prefix": category, "normal_class": NORMAL_CLASS}}
         for split in SPLITS:
-            # read_export sorts by file, so each list comes out sorted by image_path.
+            # exported_images sorts by file, so each list comes out sorted by image_path.
             doc[split] = [_sample(i) for i in images
                           if i.category == category and i.split == split]
         texts[f"{category}.json"] = json.dumps(doc, indent=1, sort_keys=True) + "\n"

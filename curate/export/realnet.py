@@ -51,9 +51,10 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from curate.core.errors import CurateError
-from curate.export.index import SPLITS, ExportedImage, read_export, write_lists
+from curate.export.index import SPLITS, ExportedImage, exported_images, read_report, write_lists
 from curate.export.mvtec import MARKER
 
 FOLDER = "realnet"
@@ -73,10 +74,13 @@ def _lines(images: Iterable[ExportedImage]) -> str:
     return "".join(_line(image) for image in images)
 
 
-def export_realnet(export_dir: str | os.PathLike) -> list[Path]:
-    """Write RealNet's sample lists for the export at ``export_dir``; returns their paths."""
+def export_realnet(export_dir: str | os.PathLike, report: dict[str, Any] | None = None
+                   ) -> list[Path]:
+    """Write RealNet's sample lists for the export at ``export_dir``; returns their paths.
+    ``report`` is the export's report where the caller holds it (the build that has just
+    written it); without it, it is read from the export's ``curate-export.json``."""
     export_dir = Path(export_dir)
-    images = read_export(export_dir)
+    images = exported_images(read_report(export_dir) if report is None else report, export_dir)
     categories = sorted({image.category for image in images})
     if ALL in categories:
         raise CurateError(f"{export_dir / MARKER}: a category named {ALL!r} would overwrite "

@@ -35,6 +35,14 @@ from curate import __version__
 from curate.core.errors import CurateError, UsageError
 from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.core.manifest import KEPT, Manifest
+from curate.core.measures import (
+    SDAS_CHECKPOINT,
+    SDAS_INDEX,
+    SDAS_SAMPLER,
+    SDAS_SEED,
+    SDAS_STEPS,
+    SDAS_STRENGTH,
+)
 from curate.engine.workspace import BANK_KIND, Workspace
 from curate.export.mvtec import clean_folder_name
 from curate.export.staging import staged
@@ -68,8 +76,8 @@ def _plan(banks: list[Manifest]) -> list[dict[str, Any]]:
         rows = [r for r in bank.rows() if r["status"] == KEPT and "image" in r["artifacts"]]
         if not rows:
             raise CurateError(f"bank {bank.id} holds no synthetic images")
-        for row in sorted(rows, key=lambda r: r["measures"]["sdas.index"]):
-            index = row["measures"]["sdas.index"]
+        for row in sorted(rows, key=lambda r: r["measures"][SDAS_INDEX]):
+            index = row["measures"][SDAS_INDEX]
             plan.append({"bank": bank, "row": row, "category": category,
                          "file": f"{folder}/{index:06d}.png"})
     return plan
@@ -113,13 +121,13 @@ def _index(plan: list[dict[str, Any]]) -> dict[str, Any]:
         measures = row["measures"]
         banks.setdefault(bank.id, {"manifest": bank.id, "category": entry["category"],
                                    "folder": entry["file"].split("/")[0],
-                                   "checkpoint": measures["sdas.checkpoint"],
-                                   "sampler": measures["sdas.sampler"],
-                                   "steps": measures["sdas.steps"], "images": 0})
+                                   "checkpoint": measures[SDAS_CHECKPOINT],
+                                   "sampler": measures[SDAS_SAMPLER],
+                                   "steps": measures[SDAS_STEPS], "images": 0})
         banks[bank.id]["images"] += 1
         files.append({"file": entry["file"], "manifest": bank.id,
-                      "sample_id": row["sample_id"], "index": measures["sdas.index"],
-                      "seed": measures["sdas.seed"], "strength": measures["sdas.strength"],
+                      "sample_id": row["sample_id"], "index": measures[SDAS_INDEX],
+                      "seed": measures[SDAS_SEED], "strength": measures[SDAS_STRENGTH],
                       "sha256": row["sha256"]})
     return {"format": FORMAT, "curate_version": __version__, "written": len(files),
             "banks": list(banks.values()), "files": files}

@@ -56,6 +56,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.core.manifest import Manifest
+from curate.core.measures import DEDUP_CLUSTER, DEDUP_HASH, DEDUP_SHARPNESS
 from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
 from curate.engine.store import pixel_digest
 from curate.imaging import phash
@@ -255,8 +256,8 @@ def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str
     n = len(members)
     names = phash.transform_names(params.transforms)
     updates: dict[int, dict[str, Any]] = {
-        i: {"measures": {"dedup.hash": phash.to_hex(info["hashes"][0]),
-                         "dedup.sharpness": info["sharpness"]}}
+        i: {"measures": {DEDUP_HASH: phash.to_hex(info["hashes"][0]),
+                         DEDUP_SHARPNESS: info["sharpness"]}}
         for i, info in zip(members, infos, strict=True)}
     if n == 0:
         return updates
@@ -298,7 +299,7 @@ def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str
             -sharp[int(exact_of[k])], order_key[k]))
         settled: set[int] = set()
         for keeper in ranked:
-            updates[members[keeper]]["measures"]["dedup.cluster"] = cluster_id
+            updates[members[keeper]]["measures"][DEDUP_CLUSTER] = cluster_id
             if keeper in settled:
                 continue
             settled.add(keeper)
@@ -326,9 +327,9 @@ def cluster_summary(manifest: Manifest) -> dict[str, int]:
     clusters: dict[str, int] = {}
     groups: dict[str, int] = {}
     for row in manifest.rows():
-        if "dedup.cluster" in row["measures"]:
-            clusters[row["measures"]["dedup.cluster"]] = \
-                clusters.get(row["measures"]["dedup.cluster"], 0) + 1
+        if DEDUP_CLUSTER in row["measures"]:
+            clusters[row["measures"][DEDUP_CLUSTER]] = \
+                clusters.get(row["measures"][DEDUP_CLUSTER], 0) + 1
         if row["group"] is not None:
             groups[row["group"]] = groups.get(row["group"], 0) + 1
     multi = [n for n in groups.values() if n > 1]

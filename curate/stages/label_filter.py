@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from curate.core.manifest import GOOD, Manifest
+from curate.core.measures import LABEL_FILTER_MASK_PIXELS, LABEL_FILTER_TRAIN_PIXELS
 from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
 from curate.stages.quality import robust_z
 
@@ -88,7 +89,7 @@ def inspect_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         return {}
     mask = env.store.read_mask(key)
     pixels = int(np.count_nonzero(mask))
-    measures: dict[str, Any] = {"label_filter.mask_pixels": pixels}
+    measures: dict[str, Any] = {LABEL_FILTER_MASK_PIXELS: pixels}
     findings = []
     if mask.shape != (row["height"], row["width"]):
         findings.append(("mask_size_mismatch",
@@ -105,7 +106,7 @@ def inspect_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
                          f"{row['path']}: labelled {row['label']!r} but its mask is empty"))
         return {"findings": findings, "measures": measures}
     left = pixels_at_train_size(mask, p.train_size)
-    measures["label_filter.train_pixels"] = left
+    measures[LABEL_FILTER_TRAIN_PIXELS] = left
     if left == 0:
         findings.append(("mask_vanishes", f"{row['path']}: its {pixels}-pixel mask leaves no "
                                           f"pixel at {p.train_size}x{p.train_size}"))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from curate.core.manifest import GOOD, Manifest
+from curate.core.measures import LABELS_GREY_PIXELS, LABELS_MASK_FRACTION, LABELS_THRESHOLD
 from curate.engine.runner import Context, SampleEnv, Stage, Update, map_samples
 from curate.imaging.masks import (
     AnnotationError,
@@ -63,8 +64,8 @@ def _mask_from_file(row: dict[str, Any], env: SampleEnv, height: int, width: int
     except AnnotationError as exc:
         update["drop"] = [(exc.code, f"mask {rel} {exc}")]
         return None
-    update["measures"]["labels.threshold"] = read.threshold
-    update["measures"]["labels.grey_pixels"] = read.grey_pixels
+    update["measures"][LABELS_THRESHOLD] = read.threshold
+    update["measures"][LABELS_GREY_PIXELS] = read.grey_pixels
     if read.unusual:
         update["flags"] = [("unusual_mask", f"mask {rel}: {'; '.join(read.unusual)}")]
     return read.mask
@@ -104,7 +105,7 @@ def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
     union = np.zeros((height, width), bool)
     for mask in by_class.values():
         union |= mask
-    update["measures"]["labels.mask_fraction"] = float(union.mean()) if union.size else 0.0
+    update["measures"][LABELS_MASK_FRACTION] = float(union.mean()) if union.size else 0.0
     if by_class and (row["label"] != GOOD or union.any()):
         artifacts = {"mask": env.store.put_mask(union)}
         if len(by_class) > 1:

@@ -32,6 +32,13 @@ from typing import Any
 import numpy as np
 
 from curate.core.manifest import Manifest
+from curate.core.measures import (
+    QUALITY_BLUR_Z,
+    QUALITY_BRIGHT_FRACTION,
+    QUALITY_CONTRAST,
+    QUALITY_DARK_FRACTION,
+    QUALITY_SHARPNESS,
+)
 from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
 from curate.imaging.io import decode
 from curate.imaging.stats import exposure, sharpness
@@ -59,10 +66,10 @@ def measure_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     p: QualityParams = env.params
     grey = decode(env.read_source(row), grayscale=True)
     exp = exposure(grey)
-    measures = {"quality.sharpness": sharpness(grey),
-                "quality.dark_fraction": exp.dark_fraction,
-                "quality.bright_fraction": exp.bright_fraction,
-                "quality.contrast": exp.contrast}
+    measures = {QUALITY_SHARPNESS: sharpness(grey),
+                QUALITY_DARK_FRACTION: exp.dark_fraction,
+                QUALITY_BRIGHT_FRACTION: exp.bright_fraction,
+                QUALITY_CONTRAST: exp.contrast}
     drops = []
     side = min(grey.shape)
     if side < p.min_side:
@@ -111,13 +118,13 @@ class Quality(Stage[QualityParams]):
         for members in by_category.values():
             if len(members) < params.min_category:
                 continue
-            logs = np.log10([max(updates[k]["measures"]["quality.sharpness"], 1e-6)
+            logs = np.log10([max(updates[k]["measures"][QUALITY_SHARPNESS], 1e-6)
                              for k in members])
             for k, z in zip(members, robust_z(logs), strict=True):
                 update = updates[k]
-                update["measures"]["quality.blur_z"] = float(z)
+                update["measures"][QUALITY_BLUR_Z] = float(z)
                 if z < params.blur_z:
-                    value = update["measures"]["quality.sharpness"]
+                    value = update["measures"][QUALITY_SHARPNESS]
                     update.setdefault("drop", []).append(("blurry", (
                         f"{rows[kept[k]]['path']}: sharpness {value:.3g} is {abs(z):.1f} robust "
                         f"deviations below its category's median (limit {params.blur_z:g})")))

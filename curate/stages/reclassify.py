@@ -40,6 +40,13 @@ import yaml
 
 from curate.core.errors import CurateError, stable_text
 from curate.core.manifest import Manifest
+from curate.core.measures import (
+    RECLASSIFY_CLUTTER,
+    RECLASSIFY_HOLES,
+    RECLASSIFY_MACHINED,
+    RECLASSIFY_NOTE,
+    RECLASSIFY_RULE,
+)
 from curate.engine.runner import (
     Context,
     SampleEnv,
@@ -150,16 +157,16 @@ def reclassify_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         return {}
     grey = decode(env.read_source(row), grayscale=True)
     f = casting_features(grey, p)
-    measures: dict[str, Any] = {"reclassify.holes": f.holes,
-                                "reclassify.machined": f.machined,
-                                "reclassify.clutter": f.clutter}
+    measures: dict[str, Any] = {RECLASSIFY_HOLES: f.holes,
+                                RECLASSIFY_MACHINED: f.machined,
+                                RECLASSIFY_CLUTTER: f.clutter}
     override = env.params.overrides.get(row["sample_id"])
     if override is not None:
         cls = override["class"]
-        measures |= {"reclassify.rule": "override", "reclassify.note": override["note"]}
+        measures |= {RECLASSIFY_RULE: "override", RECLASSIFY_NOTE: override["note"]}
     else:
         cls = casting_class(f, p)
-        measures["reclassify.rule"] = "features"
+        measures[RECLASSIFY_RULE] = "features"
     return {"category": f"{p.category}_{cls}", "measures": measures}
 
 

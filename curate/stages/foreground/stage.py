@@ -29,6 +29,7 @@ import numpy as np
 
 from curate.core.errors import CurateError
 from curate.core.manifest import Manifest
+from curate.core.measures import FOREGROUND_CONFIDENCE, FOREGROUND_FRACTION
 from curate.core.optional import require
 from curate.engine.runner import (
     Context,
@@ -136,7 +137,7 @@ def foreground_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         key, fraction = env.store.put_mask(mask), float(mask.mean())
     update: dict[str, Any] = {
         "artifacts": {"foreground": key},
-        "measures": {"foreground.fraction": fraction, "foreground.confidence": confidence},
+        "measures": {FOREGROUND_FRACTION: fraction, FOREGROUND_CONFIDENCE: confidence},
     }
     if confidence < p.min_confidence:
         update["flags"] = [("foreground_uncertain",

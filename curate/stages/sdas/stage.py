@@ -49,6 +49,22 @@ from curate.core.canonical import canonical_float
 from curate.core.errors import CurateError
 from curate.core.files import sha256_bytes, sha256_file
 from curate.core.manifest import KEPT, Manifest, new_row, sample_id_for
+from curate.core.measures import (
+    SDAS_BLEND_ANGLE,
+    SDAS_BLEND_BASE,
+    SDAS_BLEND_DELTA,
+    SDAS_BLEND_INDEX,
+    SDAS_BLEND_MASK_FRACTION,
+    SDAS_BLEND_SCALE_X,
+    SDAS_BLEND_SCALE_Y,
+    SDAS_BLEND_SOURCE,
+    SDAS_CHECKPOINT,
+    SDAS_INDEX,
+    SDAS_SAMPLER,
+    SDAS_SEED,
+    SDAS_STEPS,
+    SDAS_STRENGTH,
+)
 from curate.core.optional import require
 from curate.engine.runner import Context, SampleEnv, Stage, params_dict, recorded_file
 from curate.engine.workspace import BANK_KIND, BLEND_KIND
@@ -223,9 +239,9 @@ class SdasSample(Stage[SdasSampleParams]):
         size = model_info["image_size"]
         rows = []
         for i in range(params.n):
-            measures = {"sdas.index": i, "sdas.seed": seeds[i], "sdas.strength": strengths[i],
-                        "sdas.steps": params.steps, "sdas.sampler": params.sampler,
-                        "sdas.checkpoint": model_info["sha256"]}
+            measures = {SDAS_INDEX: i, SDAS_SEED: seeds[i], SDAS_STRENGTH: strengths[i],
+                        SDAS_STEPS: params.steps, SDAS_SAMPLER: params.sampler,
+                        SDAS_CHECKPOINT: model_info["sha256"]}
             rows.append(_synthetic_row(BANK_SOURCE, params.category, i, done[i], store.root,
                                        (size, size, 3), artifacts={"image": done[i]},
                                        measures=measures))
@@ -462,12 +478,12 @@ class SdasBlend(Stage[SdasBlendParams]):
                                   f"{'; '.join(d for _, d in res['drop'])}" +
                                   ("; it was removed since ingest: restore it or ingest its "
                                    "folder again" if removed else ""))
-            measures = {"sdas_blend.index": i, "sdas_blend.delta": res["delta"],
-                        "sdas_blend.mask_fraction": res["mask_fraction"],
-                        "sdas_blend.scale_x": res["scale_x"], "sdas_blend.scale_y": res["scale_y"],
-                        "sdas_blend.angle": res["angle"],
-                        "sdas_blend.base": job["base"]["sample_id"],
-                        "sdas_blend.source": job["source_key"] or "procedural"}
+            measures = {SDAS_BLEND_INDEX: i, SDAS_BLEND_DELTA: res["delta"],
+                        SDAS_BLEND_MASK_FRACTION: res["mask_fraction"],
+                        SDAS_BLEND_SCALE_X: res["scale_x"], SDAS_BLEND_SCALE_Y: res["scale_y"],
+                        SDAS_BLEND_ANGLE: res["angle"],
+                        SDAS_BLEND_BASE: job["base"]["sample_id"],
+                        SDAS_BLEND_SOURCE: job["source_key"] or "procedural"}
             artifacts = {"mask": res["mask"], "image": res["image"]}
             if job["source_key"]:
                 artifacts["anomaly_source"] = job["source_key"]

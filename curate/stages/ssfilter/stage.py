@@ -35,6 +35,7 @@ import torch
 
 from curate.core.errors import CurateError
 from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.core.measures import SSFILTER_SCORE, SSFILTER_UNCERTAINTY, SSFILTER_VOTES
 from curate.engine.runner import (
     Context,
     SampleEnv,
@@ -207,10 +208,10 @@ def _updates(result: FilterResult, rows: list[dict], params: SSFilterParams
         if k in result.failed:
             out.append({"drop": [("unreadable_image", f"{row['path']}: {result.failed[k]}")]})
             continue
-        update: dict[str, Any] = {"measures": {"ssfilter.score": _round(result.scores[k]),
-                                               "ssfilter.votes": int(result.votes[k])}}
+        update: dict[str, Any] = {"measures": {SSFILTER_SCORE: _round(result.scores[k]),
+                                               SSFILTER_VOTES: int(result.votes[k])}}
         if result.uncertainty is not None:
-            update["measures"]["ssfilter.uncertainty"] = _round(result.uncertainty[k])
+            update["measures"][SSFILTER_UNCERTAINTY] = _round(result.uncertainty[k])
         if params.drop and not result.kept[k]:
             update["drop"] = [(NOISE_FILTER, (
                 f"{row['path']}: judged normal in {result.votes[k]} of {params.kappa1} "
