@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from .base import Detector, Geometry, ImageLike
 from .errors import DetectorConfigError
+from .layers import fuse_batchnorm
 
 DEFAULT_CLASS = "all"
 
@@ -236,27 +237,6 @@ class CentreBank(nn.Module):
             self.vectors = torch.empty(state_dict[key].shape, dtype=self.vectors.dtype,
                                        device=self.vectors.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def fuse_batchnorm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into it, in place (a
-    Sequential's consecutive pair, or a ResNet block's convN/bnN); the BatchNorm becomes an
-    Identity. Only for frozen modules: the result computes the same function, faster."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for parent in list(module.modules()):
-        pairs = []
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            pairs = list(zip(names, names[1:], strict=False))
-        else:
-            pairs = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-                setattr(parent, bn_name, nn.Identity())
-    return module
 
 
 def _feature_grid(crop: int) -> int:
