@@ -59,7 +59,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, file_sha256
+from .backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    WideResNetFeatures,
+    file_sha256,
+    torchvision_wide_resnet,
+)
 from .base import Detector, Geometry, ImageLike, _as_array
 from .errors import DetectorConfigError
 from .layers import (
@@ -255,6 +262,8 @@ class FeatureSelection(nn.Module):
     """AFS state: the kept channel indices of every layer (sorted) and whether they were chosen
     (before that, the first m_k channels)."""
 
+    selected: torch.Tensor  # a boolean buffer, like the per-layer index buffers
+
     def __init__(self, layers: Sequence[str], channels: Sequence[int], kept: Sequence[int]):
         super().__init__()
         self.layers = tuple(layers)
@@ -268,7 +277,8 @@ class FeatureSelection(nn.Module):
     def indices(self) -> list[torch.Tensor]:
         return [getattr(self, layer) for layer in self.layers]
 
-    def apply(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def select(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every layer's features reduced to its kept channels."""
         return [f if full else f.index_select(1, index)
                 for f, index, full in zip(features, self.indices(), self.all_channels,
                                           strict=True)]
@@ -458,11 +468,11 @@ class RealNet(Detector):
                     f"{levels - 1} times (channel_mult has {levels} levels); use an image size "
                     f"that is a multiple of {STRIDES[layer] * 2 ** (levels - 1)}")
         self._prepare_backbone()
-        self.afs, self.recon, self.rrs = build_modules(o, self.backbone.module.channels)
+        self.afs, self.recon, self.rrs = build_modules(o, self.backbone.wide_resnet.channels)
 
     def _prepare_backbone(self) -> None:
         # Frozen: its BatchNorms are folded into the convolutions (same function, faster).
-        fuse_batchnorm(self.backbone.module)
+        fuse_batchnorm(self.backbone.wide_resnet)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"afs": self.afs, "recon": self.recon, "rrs": self.rrs}
@@ -470,7 +480,7 @@ class RealNet(Detector):
     def to(self, device) -> RealNet:
         super().to(device)
         # channels-last convolutions are faster on a CPU too (oneDNN)
-        self.backbone.module.to(memory_format=torch.channels_last)
+        self.backbone.wide_resnet.to(memory_format=torch.channels_last)
         return self
 
     def input_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -481,11 +491,11 @@ class RealNet(Detector):
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) → every used layer's full features (frozen)."""
         with torch.no_grad():
-            return [f.contiguous() for f in self.backbone.module(self.input_tensor(x))]
+            return [f.contiguous() for f in self.backbone.wide_resnet(self.input_tensor(x))]
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) → the AFS-selected features of every layer."""
-        return self.afs.apply(self.backbone_features(x))
+        return self.afs.select(self.backbone_features(x))
 
     def reconstruct(self, feats: Sequence[torch.Tensor]
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -520,7 +530,7 @@ class RealNet(Detector):
         todo = [i for i, full in enumerate(self.afs.all_channels) if not full]
         batches = int(self.options["afs_batches"])
         if todo and batches > 0:
-            sums = {i: torch.zeros(self.backbone.module.channels[i], dtype=torch.float64,
+            sums = {i: torch.zeros(self.backbone.wide_resnet.channels[i], dtype=torch.float64,
                                    device=self.device) for i in todo}
             stream = self._stream(dataset, batch_size)
             bar = self.progress(batches, f"{self.name} AFS", progress)
@@ -728,16 +738,9 @@ def load_official_realnet(checkpoint, *, backbone: str = "wide_resnet50_2", weig
 
 def _load_backbone(detector: RealNet, tensors: dict[str, torch.Tensor], path: Path | None) -> None:
     """Put an official checkpoint's backbone tensors into a fresh (unfused) backbone."""
-    from torchvision.models import resnet
-
-    from .backbones import WideResNetFeatures
-
     name = detector.backbone.name
-    if name == "wide_resnet_tiny":
-        model = resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=8)
-    else:
-        model = resnet.wide_resnet50_2(weights=None)
-    module = WideResNetFeatures(model, tuple(detector.options["layers"]))
+    module = WideResNetFeatures(torchvision_wide_resnet(name),
+                                tuple(detector.options["layers"]))
     result = module.load_state_dict(tensors, strict=False)
     if result.unexpected_keys or result.missing_keys:
         raise RuntimeError(f"official RealNet backbone does not fit {name}: missing "
