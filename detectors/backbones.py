@@ -24,12 +24,17 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .errors import DetectorConfigError
+
+if TYPE_CHECKING:  # imported where used: torchvision and transformers load slowly
+    from torchvision.models import ResNet
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 __all__ = [
     "BACKBONES",
@@ -40,6 +45,7 @@ __all__ = [
     "build_backbone",
     "file_sha256",
     "hub_to_transformers",
+    "torchvision_wide_resnet",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -159,10 +165,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ DINOv2
 
 
-def _dino_config(size: _DinoSize):
+def _dino_config(size: _DinoSize) -> Dinov2WithRegistersConfig:
     from transformers import Dinov2WithRegistersConfig
 
-    return Dinov2WithRegistersConfig(
+    # attn_implementation is a keyword every transformers config takes (its __post_init__ reads
+    # it), but the dataclass signature the stubs give lists only the model's own fields.
+    return Dinov2WithRegistersConfig(  # type: ignore[call-arg]
         hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
         mlp_ratio=4, image_size=518, patch_size=14, num_register_tokens=4, qkv_bias=True,
         layerscale_value=1.0, layer_norm_eps=1e-6, attn_implementation="sdpa",
@@ -250,11 +258,14 @@ class DinoV2Encoder(nn.Module):
     cached (the official code re-interpolates on every forward).
     """
 
-    def __init__(self, model: nn.Module, *, pos_antialias: bool = True, pos_offset: float = 0.0):
+    def __init__(self, model: Dinov2WithRegistersModel, *, pos_antialias: bool = True,
+                 pos_offset: float = 0.0):
         super().__init__()
         self.model = model
         config = model.config
         self.embed_dim = config.hidden_size
+        if not isinstance(config.patch_size, int):  # transformers also takes (height, width)
+            raise ValueError(f"DINOv2 patches are square, not {config.patch_size}")
         self.patch_size = config.patch_size
         self.num_blocks = config.num_hidden_layers
         self.num_prefix_tokens = 1 + config.num_register_tokens
@@ -299,7 +310,8 @@ class DinoV2Encoder(nn.Module):
         return outputs
 
 
-def _build_dino(name: str, weights, seed: int, pos_antialias: bool, pos_offset: float):
+def _build_dino(name: str, weights, seed: int, pos_antialias: bool, pos_offset: float
+                ) -> tuple[DinoV2Encoder, Path | None]:
     from transformers import Dinov2WithRegistersModel
 
     size = _DINO[name]
@@ -335,7 +347,7 @@ class WideResNetFeatures(nn.Module):
 
     LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, resnet: nn.Module, layers: tuple[str, ...] = ("layer2", "layer3")):
+    def __init__(self, resnet: ResNet, layers: tuple[str, ...] = ("layer2", "layer3")):
         super().__init__()
         layers = tuple(layers)
         if not layers or any(name not in self.LAYERS for name in layers) or \
@@ -365,16 +377,21 @@ class WideResNetFeatures(nn.Module):
         return tuple(out)
 
 
-def _build_wrn(name: str, weights, seed: int, layers: tuple[str, ...]):
+def torchvision_wide_resnet(name: str) -> ResNet:
+    """A freshly initialised torchvision ResNet for the WideResNet backbone `name`."""
     from torchvision.models import resnet
 
+    if name == "wide_resnet_tiny":
+        # Same output channels as WRN-50-2 (512, 1024) with one narrow block per stage.
+        return resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=8)
+    return resnet.wide_resnet50_2(weights=None)
+
+
+def _build_wrn(name: str, weights, seed: int, layers: tuple[str, ...]
+               ) -> tuple[WideResNetFeatures, Path | None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "wide_resnet_tiny":
-            # Same output channels as WRN-50-2 (512, 1024) with one narrow block per stage.
-            model = resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=8)
-        else:
-            model = resnet.wide_resnet50_2(weights=None)
+        model = torchvision_wide_resnet(name)
     if weights == "random":
         return WideResNetFeatures(model, layers), None
     if name == "wide_resnet_tiny":
@@ -398,12 +415,26 @@ class Backbone:
     """A built backbone and the provenance a saved detector records."""
 
     name: str
-    module: nn.Module
+    module: DinoV2Encoder | WideResNetFeatures
     weights: str  # the file or folder loaded, or "random"
     sha256: str  # of the weight file ("random:<seed>" for random weights)
 
     def describe(self) -> dict:
         return {"name": self.name, "weights": self.weights, "sha256": self.sha256}
+
+    @property
+    def dino(self) -> DinoV2Encoder:
+        """`module`, for a detector that runs on DINOv2 backbones only."""
+        if not isinstance(self.module, DinoV2Encoder):
+            raise TypeError(f"backbone {self.name!r} is not a DINOv2")
+        return self.module
+
+    @property
+    def wide_resnet(self) -> WideResNetFeatures:
+        """`module`, for a detector that runs on WideResNet backbones only."""
+        if not isinstance(self.module, WideResNetFeatures):
+            raise TypeError(f"backbone {self.name!r} is not a WideResNet")
+        return self.module
 
 
 def build_backbone(name: str, weights=None, *, seed: int = 0, pos_antialias: bool = True,
@@ -411,6 +442,7 @@ def build_backbone(name: str, weights=None, *, seed: int = 0, pos_antialias: boo
                    ) -> Backbone:
     """Build backbone `name` (one of BACKBONES) from `weights` (path, None = caches, "random").
     `layers`: the WideResNet layers `forward` returns (ignored for DINOv2)."""
+    module: DinoV2Encoder | WideResNetFeatures
     if name in _DINO:
         module, path = _build_dino(name, weights, seed, pos_antialias, pos_offset)
     elif name in ("wide_resnet50_2", "wide_resnet_tiny"):

@@ -57,7 +57,8 @@ class Geometry:
             if height <= width:
                 return self.resize, int(self.resize * width / height)
             return int(self.resize * height / width), self.resize
-        return tuple(self.resize)
+        resized_height, resized_width = self.resize
+        return resized_height, resized_width
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         rh, rw = self.resized_size(height, width)

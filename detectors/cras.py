@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from .base import Detector, Geometry, ImageLike
 from .errors import DetectorConfigError
+from .layers import fuse_batchnorm
 
 DEFAULT_CLASS = "all"
 
@@ -53,7 +54,9 @@ def adaptive_pool_matrix(length: int, out: int):
     """The (out, length) sparse matrix of `F.adaptive_avg_pool1d(·, out)` on a length-vector."""
     from scipy import sparse
 
-    rows, cols, vals = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
     for i in range(out):
         start = (i * length) // out
         end = -((-(i + 1) * length) // out)
@@ -191,17 +194,23 @@ class Discriminator(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_normal_(module.weight)
 
+    @property
+    def first(self) -> _Block:
+        """The first hidden block: its linear layer reads [u, u − p]."""
+        block = self.hidden[0]
+        assert isinstance(block, _Block)
+        return block
+
     def tail(self, h: torch.Tensor) -> torch.Tensor:
         """First layer's pre-activation → logits (N,)."""
-        first = self.hidden[0]
-        x = F.leaky_relu(first.norm(h), 0.2)
+        x = F.leaky_relu(self.first.norm(h), 0.2)
         for block in self.hidden[1:]:
             x = block(x)
         return self.head(x).squeeze(-1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The plain formulation: x = [u, u − p] (N, 2·dim) → logits (N,)."""
-        return self.tail(self.hidden[0].linear(x))
+        return self.tail(self.first.linear(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
@@ -214,7 +223,7 @@ class Discriminator(nn.Module):
         W·[u, u − p] = (W_u + W_r)·u − W_r·p; W_r·p is computed once per bank vector; the
         synthetic half adds (W_u + W_r)·noise. BatchNorm sees both halves together.
         """
-        linear = self.hidden[0].linear
+        linear = self.first.linear
         w_u, w_r = linear.weight[:, :self.dim], linear.weight[:, self.dim:]
         w_sum = w_u + w_r
         h = F.linear(u, w_sum, linear.bias) - F.linear(bank, w_r)[rows]
@@ -236,27 +245,6 @@ class CentreBank(nn.Module):
             self.vectors = torch.empty(state_dict[key].shape, dtype=self.vectors.dtype,
                                        device=self.vectors.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def fuse_batchnorm(module: nn.Module) -> nn.Module:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into it, in place (a
-    Sequential's consecutive pair, or a ResNet block's convN/bnN); the BatchNorm becomes an
-    Identity. Only for frozen modules: the result computes the same function, faster."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for parent in list(module.modules()):
-        pairs = []
-        if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
-            pairs = list(zip(names, names[1:], strict=False))
-        else:
-            pairs = [(f"conv{i}", f"bn{i}") for i in range(1, 4)]
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-                setattr(parent, bn_name, nn.Identity())
-    return module
 
 
 def _feature_grid(crop: int) -> int:
@@ -306,8 +294,8 @@ class CRAS(Detector):
         dim = int(o["embed_dim"])
         self.grid = _feature_grid(int(o["crop"]))
         # The backbone is frozen: its BatchNorms are folded into the convolutions (same function)
-        fuse_batchnorm(self.backbone.module)
-        self.patch_features = PatchFeatures(self.backbone.module.channels, dim, dim,
+        fuse_batchnorm(self.backbone.wide_resnet)
+        self.patch_features = PatchFeatures(self.backbone.wide_resnet.channels, dim, dim,
                                             int(o["patch_size"]))
         self.adapter = nn.Linear(dim, dim)
         nn.init.xavier_normal_(self.adapter.weight)
@@ -324,7 +312,7 @@ class CRAS(Detector):
         super().to(device)
         self.patch_features.to(self.device)
         # channels-last convolutions are about twice as fast on a CPU too (oneDNN)
-        self.backbone.module.to(memory_format=torch.channels_last)
+        self.backbone.wide_resnet.to(memory_format=torch.channels_last)
         return self
 
     def input_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,7 +332,7 @@ class CRAS(Detector):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, crop, crop) → frozen patch features (B, positions, embed_dim)."""
         with torch.no_grad():
-            maps = self.patch_features(self.backbone.module(x))
+            maps = self.patch_features(self.backbone.wide_resnet(x))
             return maps.flatten(2).transpose(1, 2).contiguous()
 
     def normed_centres(self) -> torch.Tensor:

@@ -154,7 +154,7 @@ def hard_mining_cosine_loss(en: Sequence[torch.Tensor], de: Sequence[torch.Tenso
     the ⌊N(1 − p)⌋-th largest distance among all N tokens of the batch — whose decoder gradient
     is multiplied by `factor`. Returns the mean over groups.
     """
-    total = 0.0
+    total = torch.zeros((), device=en[0].device)
     for e, d in zip(en, de, strict=True):
         e = e.detach().float()
         d = d.float()
@@ -250,7 +250,7 @@ class Dinomaly(Detector):
         return list(range(2, 10))
 
     def build(self) -> None:
-        encoder = self.backbone.module
+        encoder = self.backbone.dino
         patch = encoder.patch_size
         if int(self.options["crop_size"]) % patch:
             raise DetectorConfigError(
@@ -273,7 +273,7 @@ class Dinomaly(Detector):
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(B, 3, H, W) → (encoder groups, decoder groups), each (B, h·w, C), prefix stripped."""
-        encoder = self.backbone.module
+        encoder = self.backbone.dino
         layers = self.target_layers
         with torch.no_grad():
             hidden = encoder(x, depth=layers[-1] + 1)
@@ -315,7 +315,7 @@ class Dinomaly(Detector):
 
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patch = self.backbone.module.patch_size
+        patch = self.backbone.dino.patch_size
         en, de = self.features(x)
         return self.anomaly_maps(en, de, (x.shape[-2] // patch, x.shape[-1] // patch))
 
@@ -428,7 +428,7 @@ def _transformers_to_hub(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def official_state_dict(detector: Dinomaly) -> dict[str, torch.Tensor]:
     """Our detector as the official ViTill state dict (encoder.*, bottleneck.0.*, decoder.*)."""
-    encoder = detector.backbone.module.model.state_dict()
+    encoder = detector.backbone.dino.model.state_dict()
     out = {f"encoder.{k}": v.detach().cpu() for k, v in _transformers_to_hub(encoder).items()}
     for key, value in detector.bottleneck.state_dict().items():
         out[f"bottleneck.0.{key}"] = value.detach().cpu()
@@ -478,7 +478,7 @@ def _load_official(detector: Dinomaly, source, check_encoder: bool) -> Dinomaly:
             unknown.append(key)
     if unknown:
         raise ValueError(f"official Dinomaly checkpoint: unexpected keys {', '.join(unknown[:5])}")
-    model = detector.backbone.module.model
+    model = detector.backbone.dino.model
     try:
         encoder = hub_to_transformers(parts["encoder"], model)
     except (KeyError, ValueError) as error:
@@ -507,6 +507,6 @@ def _load_official(detector: Dinomaly, source, check_encoder: bool) -> Dinomaly:
     detector.bottleneck.load_state_dict(parts["bottleneck"], strict=True)
     detector.decoder.load_state_dict(parts["decoder"], strict=True)
     detector.to(detector.device)
-    for module in detector.modules().values():
-        module.eval()
+    for learned in detector.modules().values():
+        learned.eval()
     return detector

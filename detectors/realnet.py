@@ -49,7 +49,8 @@ What differs from the authors' code, and why (their code is only read, nothing i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +59,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, file_sha256
+from .backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    WideResNetFeatures,
+    file_sha256,
+    torchvision_wide_resnet,
+)
 from .base import Detector, Geometry, ImageLike, _as_array
-from .cras import fuse_batchnorm
 from .errors import DetectorConfigError
+from .layers import (
+    AttentionBlock,
+    ResBlockBase,
+    fuse_batchnorm,
+    group_norm,
+    skip_connection,
+    zero_module,
+)
 from .synthesis import anomaly_mask, list_bank, procedural_texture
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 # --------------------------------------------------------------------- reconstruction UNet
-
-
-def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    if channels % groups:
-        raise ValueError(f"realnet: {channels} channels cannot be split into {groups} norm "
-                         "groups (set norm_groups or the channel sizes)")
-    return nn.GroupNorm(groups, channels)
 
 
 class _ConvUp(nn.Module):
@@ -88,62 +96,25 @@ class _ConvUp(nn.Module):
         return self.conv(x)
 
 
-class ResBlock(nn.Module):
+class ResBlock(ResBlockBase):
     """GroupNorm → SiLU → 3×3 conv, plus a skip (identity, or a 1×1 conv when the width
     changes). `up` / `down` resample both paths between the activation and the convolution
     (transposed conv / 2×2 average pooling)."""
 
     def __init__(self, channels: int, out_channels: int | None = None, *, up: bool = False,
                  down: bool = False, groups: int = 32):
-        super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(_group_norm(channels, groups), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.updown = up or down
+        resample: Callable[[], nn.Module] | None = None
         if up:
-            self.h_upd, self.x_upd = _ConvUp(channels), _ConvUp(channels)
+            resample = partial(_ConvUp, channels)
         elif down:
-            self.h_upd, self.x_upd = nn.AvgPool2d(2), nn.AvgPool2d(2)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-        self.skip_connection = (nn.Identity() if out_channels == channels
-                                else nn.Conv2d(channels, out_channels, 1))
+            resample = partial(nn.AvgPool2d, 2)
+        super().__init__(channels, out_channels, partial(group_norm, groups=groups), resample)
+        self.skip_connection = skip_connection(channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            h = self.h_upd(self.in_layers[1](self.in_layers[0](x)))
-            return self.skip_connection(self.x_upd(x)) + self.in_layers[2](h)
-        return self.skip_connection(x) + self.in_layers(x)
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the positions of a map: GroupNorm, a 1×1 qkv projection
-    (heads first, then q/k/v), scaled dot product, a zero-initialised 1×1 output projection, and
-    the residual connection."""
-
-    def __init__(self, channels: int, head_channels: int, groups: int = 32):
-        super().__init__()
-        if channels % head_channels:
-            raise ValueError(f"realnet: attention width {channels} is not a multiple of "
-                             f"num_head_channels={head_channels}")
-        self.heads = channels // head_channels
-        self.norm = _group_norm(channels, groups)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, *spatial = x.shape
-        flat = x.reshape(batch, channels, -1)
-        qkv = self.qkv(self.norm(flat))
-        length = qkv.shape[-1]
-        width = channels // self.heads
-        q, k, v = qkv.reshape(batch * self.heads, 3 * width, length).split(width, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(batch, channels, length)
-        return (flat + self.proj_out(out)).reshape(batch, channels, *spatial)
+        h, x = self.input_half(x)
+        return self.skip_connection(x) + h
 
 
 class ReconstructionUNet(nn.Module):
@@ -159,6 +130,11 @@ class ReconstructionUNet(nn.Module):
                  num_res_blocks: int, attention_mult: Sequence[int], head_channels: int,
                  groups: int):
         super().__init__()
+
+        def attention(width: int) -> AttentionBlock:
+            return AttentionBlock(width, partial(group_norm, groups=groups),
+                                  num_head_channels=head_channels)
+
         ch = first = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([nn.Conv2d(in_channels, ch, 3, padding=1)])
         skips = [ch]
@@ -168,7 +144,7 @@ class ReconstructionUNet(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, int(mult * model_channels), groups=groups)]
                 ch = int(mult * model_channels)
                 if ds in attention_mult:
-                    layers.append(AttentionBlock(ch, head_channels, groups))
+                    layers.append(attention(ch))
                 self.input_blocks.append(nn.Sequential(*layers))
                 skips.append(ch)
             if level != len(channel_mult) - 1:
@@ -176,7 +152,7 @@ class ReconstructionUNet(nn.Module):
                 skips.append(ch)
                 ds *= 2
         self.middle_block = nn.Sequential(ResBlock(ch, groups=groups),
-                                          AttentionBlock(ch, head_channels, groups),
+                                          attention(ch),
                                           ResBlock(ch, groups=groups))
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -184,15 +160,13 @@ class ReconstructionUNet(nn.Module):
                 layers = [ResBlock(ch + skips.pop(), int(model_channels * mult), groups=groups)]
                 ch = int(model_channels * mult)
                 if ds in attention_mult:
-                    layers.append(AttentionBlock(ch, head_channels, groups))
+                    layers.append(attention(ch))
                 if level and i == num_res_blocks:
                     layers.append(ResBlock(ch, ch, up=True, groups=groups))
                     ds //= 2
                 self.output_blocks.append(nn.Sequential(*layers))
-        self.out = nn.Sequential(_group_norm(ch, groups), nn.SiLU(),
-                                 nn.Conv2d(first, in_channels, 3, padding=1))
-        nn.init.zeros_(self.out[2].weight)
-        nn.init.zeros_(self.out[2].bias)
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(),
+                                 zero_module(nn.Conv2d(first, in_channels, 3, padding=1)))
         self.levels = len(channel_mult)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,6 +262,8 @@ class FeatureSelection(nn.Module):
     """AFS state: the kept channel indices of every layer (sorted) and whether they were chosen
     (before that, the first m_k channels)."""
 
+    selected: torch.Tensor  # a boolean buffer, like the per-layer index buffers
+
     def __init__(self, layers: Sequence[str], channels: Sequence[int], kept: Sequence[int]):
         super().__init__()
         self.layers = tuple(layers)
@@ -301,7 +277,8 @@ class FeatureSelection(nn.Module):
     def indices(self) -> list[torch.Tensor]:
         return [getattr(self, layer) for layer in self.layers]
 
-    def apply(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def select(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every layer's features reduced to its kept channels."""
         return [f if full else f.index_select(1, index)
                 for f, index, full in zip(features, self.indices(), self.all_channels,
                                           strict=True)]
@@ -491,11 +468,11 @@ class RealNet(Detector):
                     f"{levels - 1} times (channel_mult has {levels} levels); use an image size "
                     f"that is a multiple of {STRIDES[layer] * 2 ** (levels - 1)}")
         self._prepare_backbone()
-        self.afs, self.recon, self.rrs = build_modules(o, self.backbone.module.channels)
+        self.afs, self.recon, self.rrs = build_modules(o, self.backbone.wide_resnet.channels)
 
     def _prepare_backbone(self) -> None:
         # Frozen: its BatchNorms are folded into the convolutions (same function, faster).
-        fuse_batchnorm(self.backbone.module)
+        fuse_batchnorm(self.backbone.wide_resnet)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"afs": self.afs, "recon": self.recon, "rrs": self.rrs}
@@ -503,7 +480,7 @@ class RealNet(Detector):
     def to(self, device) -> RealNet:
         super().to(device)
         # channels-last convolutions are faster on a CPU too (oneDNN)
-        self.backbone.module.to(memory_format=torch.channels_last)
+        self.backbone.wide_resnet.to(memory_format=torch.channels_last)
         return self
 
     def input_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -514,11 +491,11 @@ class RealNet(Detector):
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) → every used layer's full features (frozen)."""
         with torch.no_grad():
-            return [f.contiguous() for f in self.backbone.module(self.input_tensor(x))]
+            return [f.contiguous() for f in self.backbone.wide_resnet(self.input_tensor(x))]
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) → the AFS-selected features of every layer."""
-        return self.afs.apply(self.backbone_features(x))
+        return self.afs.select(self.backbone_features(x))
 
     def reconstruct(self, feats: Sequence[torch.Tensor]
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -553,7 +530,7 @@ class RealNet(Detector):
         todo = [i for i, full in enumerate(self.afs.all_channels) if not full]
         batches = int(self.options["afs_batches"])
         if todo and batches > 0:
-            sums = {i: torch.zeros(self.backbone.module.channels[i], dtype=torch.float64,
+            sums = {i: torch.zeros(self.backbone.wide_resnet.channels[i], dtype=torch.float64,
                                    device=self.device) for i in todo}
             stream = self._stream(dataset, batch_size)
             bar = self.progress(batches, f"{self.name} AFS", progress)
@@ -761,16 +738,9 @@ def load_official_realnet(checkpoint, *, backbone: str = "wide_resnet50_2", weig
 
 def _load_backbone(detector: RealNet, tensors: dict[str, torch.Tensor], path: Path | None) -> None:
     """Put an official checkpoint's backbone tensors into a fresh (unfused) backbone."""
-    from torchvision.models import resnet
-
-    from .backbones import WideResNetFeatures
-
     name = detector.backbone.name
-    if name == "wide_resnet_tiny":
-        model = resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], width_per_group=8)
-    else:
-        model = resnet.wide_resnet50_2(weights=None)
-    module = WideResNetFeatures(model, tuple(detector.options["layers"]))
+    module = WideResNetFeatures(torchvision_wide_resnet(name),
+                                tuple(detector.options["layers"]))
     result = module.load_state_dict(tensors, strict=False)
     if result.unexpected_keys or result.missing_keys:
         raise RuntimeError(f"official RealNet backbone does not fit {name}: missing "

@@ -208,3 +208,13 @@ def test_random_backbones_are_seeded():
     wa, wb, wc = (m.module.layer2[0].conv1.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     assert a.sha256 == "random:1"
+
+
+def test_a_detector_reaching_for_the_wrong_kind_of_backbone_is_told_which_it_got():
+    wrn = build_backbone("wide_resnet_tiny", "random")
+    vit = build_backbone("dinov2_tiny_reg", "random")
+    assert wrn.wide_resnet is wrn.module and vit.dino is vit.module
+    with pytest.raises(TypeError, match="'wide_resnet_tiny' is not a DINOv2"):
+        _ = wrn.dino
+    with pytest.raises(TypeError, match="'dinov2_tiny_reg' is not a WideResNet"):
+        _ = vit.wide_resnet

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from curate.app.cli import cli  # noqa: E402
 from curate.core.manifest import Manifest, new_row  # noqa: E402
 from curate.engine.runner import run_stage  # noqa: E402
 from curate.imaging.io import decode_file, encode_png  # noqa: E402
-from curate.stages.sdas.adm import ADMUNet, AttentionBlock, realnet_config, tiny_config  # noqa: E402
+from curate.stages.sdas.adm import ADMUNet, realnet_config, tiny_config  # noqa: E402
 from curate.stages.sdas.checkpoints import (  # noqa: E402
     CheckpointError,
     adm_config_for,
@@ -40,6 +41,7 @@ from curate.stages.sdas.sampler import (  # noqa: E402
 )
 from curate.stages.sdas.stage import SdasBlend, SdasBlendParams, SdasSample, SdasSampleParams  # noqa: E402
 from curate.stages.sdas.train import TrainConfig, train  # noqa: E402
+from detectors.layers import AttentionBlock, group_norm  # noqa: E402
 
 LAYOUTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "checkpoint-layouts"
 SIZE = 16  # sampler tests: 16 px images from a tiny UNet
@@ -89,7 +91,8 @@ def test_adm_matches_the_official_layout_strictly():
 
 
 def test_sdpa_attention_equals_the_legacy_attention():
-    block = _randomize(AttentionBlock(32, num_heads=1, num_head_channels=8, groups=8))
+    norm = partial(group_norm, groups=8, in_float32=True)
+    block = _randomize(AttentionBlock(32, norm, num_heads=1, num_head_channels=8))
     x = torch.randn(2, 32, 6, 6)
     b, c, length, heads = 2, 32, 36, block.num_heads
     flat = x.reshape(b, c, length)

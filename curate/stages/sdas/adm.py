@@ -7,9 +7,11 @@ Module names and parameter shapes follow the official layout exactly (``time_emb
 (:func:`curate.stages.sdas.checkpoints.load_adm_checkpoint`). The RealNet MVTec configuration
 (:func:`realnet_config`) has 567 keys and 552.8M parameters.
 
-Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` (flash or
-memory-efficient kernels on a GPU) on the "legacy" head split of the official code: the
-``qkv`` projection's channels are grouped by head first, then q/k/v within each head.
+The attention blocks and the input half of the ResBlocks are :mod:`detectors.layers`', shared
+with RealNet's reconstruction networks; attention runs through
+:func:`torch.nn.functional.scaled_dot_product_attention` (flash or memory-efficient kernels on a
+GPU) on the "legacy" head split of the official code: the ``qkv`` projection's channels are
+grouped by head first, then q/k/v within each head.
 
 ``attention_ds`` holds *downsample factors* (1 = full resolution), as RealNet's configuration
 passes them; OpenAI's scripts convert resolutions with ``image_size // res`` instead, and the two
@@ -20,10 +22,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from detectors.layers import (
+    AttentionBlock,
+    Norm,
+    ResBlockBase,
+    group_norm,
+    skip_connection,
+    zero_module,
+)
 
 
 @dataclass(frozen=True)
@@ -65,16 +78,9 @@ def realnet_config(num_classes: int | None = 15) -> ADMConfig:
 
 def tiny_config(**overrides) -> ADMConfig:
     """A small (0.36M-parameter) ADM with every kind of block, for tests on a CPU."""
-    base = dict(image_size=32, model_channels=16, num_res_blocks=1, attention_ds=(2, 4),
+    base: dict[str, Any] = dict(image_size=32, model_channels=16, num_res_blocks=1, attention_ds=(2, 4),
                 channel_mult=(1, 2, 2), num_head_channels=8, norm_groups=8)
     return ADMConfig(**(base | overrides))
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as the official code does)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -108,6 +114,7 @@ class Resample(nn.Module):
         super().__init__()
         self.up = up
         out_channels = out_channels or channels
+        self.op: nn.Module  # down: a strided convolution or an average pooling
         if up:
             if use_conv:
                 self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
@@ -123,34 +130,24 @@ class Resample(nn.Module):
         return self.op(x)
 
 
-class ResBlock(nn.Module):
+class ResBlock(ResBlockBase):
+    """The shared input half, then the timestep embedding (added, or as a scale and shift of
+    the second norm), norm → SiLU → dropout → zero-initialised 3×3 conv, and the skip."""
+
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int,
-                 *, scale_shift: bool, groups: int, up: bool = False, down: bool = False):
-        super().__init__()
+                 *, scale_shift: bool, norm: Norm, up: bool = False, down: bool = False):
+        resample = partial(Resample, channels, up=up, use_conv=False) if up or down else None
+        super().__init__(channels, out_channels, norm, resample)
         self.scale_shift = scale_shift
-        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.updown = up or down
-        if self.updown:
-            self.h_upd = Resample(channels, up=up, use_conv=False)
-            self.x_upd = Resample(channels, up=up, use_conv=False)
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(),
-                                        nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        nn.init.zeros_(self.out_layers[3].weight)
-        nn.init.zeros_(self.out_layers[3].bias)
-        self.skip_connection = nn.Identity() if out_channels == channels else \
-            nn.Conv2d(channels, out_channels, 1)
+        self.out_layers = nn.Sequential(
+            norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = skip_connection(channels, out_channels)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.updown:
-            h = self.in_layers[:-1](x)
-            h = self.in_layers[-1](self.h_upd(h))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+        h, x = self.input_half(x)
         e = self.emb_layers(emb).type(h.dtype)[..., None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
@@ -161,44 +158,14 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-class AttentionBlock(nn.Module):
-    """Self-attention over all positions; qkv grouped by head first ("legacy" order)."""
-
-    def __init__(self, channels: int, num_heads: int, num_head_channels: int, groups: int):
-        super().__init__()
-        if num_head_channels == -1:
-            self.num_heads = num_heads
-        else:
-            if channels % num_head_channels:
-                raise ValueError(f"{channels} channels do not split into heads of "
-                                 f"{num_head_channels}")
-            self.num_heads = channels // num_head_channels
-        self.norm = GroupNorm32(groups, channels)
-        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        length = qkv.shape[-1]
-        ch = c // self.num_heads
-        # [B, heads, 3*ch, T] -> q, k, v of [B, heads, T, ch]
-        q, k, v = qkv.reshape(b, self.num_heads, 3 * ch, length).transpose(-1, -2).split(ch, -1)
-        h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(-1, -2).reshape(b, c, length)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
-
-
 class ADMUNet(nn.Module):
     """``forward(x, t, y=None)`` -> [B, out_channels, H, W] (epsilon, then the variance term)."""
 
     def __init__(self, config: ADMConfig):
         super().__init__()
         self.config = cfg = config
-        mc, groups = cfg.model_channels, cfg.norm_groups
+        mc = cfg.model_channels
+        norm = partial(group_norm, groups=cfg.norm_groups, in_float32=True)
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(),
                                         nn.Linear(emb_dim, emb_dim))
@@ -207,10 +174,11 @@ class ADMUNet(nn.Module):
 
         def res(cin, cout, **kw):
             return ResBlock(cin, emb_dim, cfg.dropout, cout, scale_shift=cfg.use_scale_shift_norm,
-                            groups=groups, **kw)
+                            norm=norm, **kw)
 
         def attn(ch):
-            return AttentionBlock(ch, cfg.num_heads, cfg.num_head_channels, groups)
+            return AttentionBlock(ch, norm, num_heads=cfg.num_heads,
+                                  num_head_channels=cfg.num_head_channels)
 
         ch = int(cfg.channel_mult[0] * mc)
         self.input_blocks = nn.ModuleList(
@@ -244,10 +212,8 @@ class ADMUNet(nn.Module):
                                   Resample(ch, up=True, use_conv=True))
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(),
-                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
-        nn.init.zeros_(self.out[2].weight)
-        nn.init.zeros_(self.out[2].bias)
+        self.out = nn.Sequential(norm(ch), nn.SiLU(),
+                                 zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:

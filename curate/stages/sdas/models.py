@@ -58,7 +58,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 def build_model(arch: str, config: dict[str, Any], image_size: int) -> torch.nn.Module:
     """A freshly initialised UNet of ``arch`` ('unet2d' or 'adm')."""
     if arch == "unet2d":
-        from diffusers import UNet2DModel
+        # diffusers.models, not diffusers: type checkers read the top-level name as the
+        # placeholder diffusers defines for installs without torch.
+        from diffusers.models import UNet2DModel
 
         return UNet2DModel(sample_size=image_size, **config)
     if arch == "adm":
