@@ -88,11 +88,8 @@ BACKBONES = (*_DINO, "wide_resnet50_2", "wide_resnet_tiny")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _cache_dirs() -> list[Path]:
