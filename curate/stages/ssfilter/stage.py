@@ -83,32 +83,49 @@ HARD_SHEET = "hard-normals.png"
 
 @dataclass(frozen=True)
 class SSFilterParams:
-    mode: str = "lite"
-    kappa1: int = 20
-    kappa2: int = 5
-    batch_size: int = 32
-    #: Patch descriptor: "randconv" / "texture" (no weights) or a detectors.backbones name.
-    backbone: str = DEFAULT_DESCRIPTOR
-    #: Weight file or folder of a bundled backbone ("random" for tests); None = local caches.
-    weights: str | None = None
-    image_size: int | None = None
+    mode: str = field(default="lite", metadata={
+        "choices": ("lite", "full"),
+        "help": "lite: patch comparison only (no training); full: a Dinomaly-style model with "
+                "dropout uncertainty, trained on the set (a DINOv2 backbone, or a decoder over "
+                "the randconv / texture descriptor)."})
+    kappa1: int = field(default=20, metadata={
+        "min": 1, "help": "Random shufflings of the set (voting rounds)."})
+    kappa2: int = field(default=5, metadata={
+        "min": 0, "help": "Keep a sample judged normal in more than this many shufflings."})
+    batch_size: int = field(default=32, metadata={"min": 2})
+    backbone: str = field(default=DEFAULT_DESCRIPTOR, metadata={
+        "help": "Patch descriptor: randconv or texture (no weights), or a bundled backbone "
+                "(dinov2_vits14_reg, wide_resnet50_2, ...)."})
+    weights: str | None = field(default=None, metadata={
+        "help": "Backbone weight file or folder (default: local caches; 'random' for tests)."})
+    image_size: int | None = field(default=None, metadata={
+        "min": 16, "help": "Square size images are resized to  [default: 256, 224 for DINOv2]"})
     sim_ratio: float = 0.001
     #: Share of an image's patch scores averaged into its score; None: the descriptor's
     #: (1 % of the 16×16 backbone grid as in the paper, 5 % of randconv's 8×8 grid).
     image_ratio: float | None = None
-    #: randconv: share of each side of the image left out of its patches.
-    border: float = 0.04
-    recall_tau: float | None = 3.0
-    hard_normals: int = 0
-    drop: bool = True
+    border: float = field(default=0.04, metadata={
+        "min": 0, "max": 0.5, "max_open": True,
+        "help": "randconv: share of each side of an image left out of its patches (fixture "
+                "edges and dark strips along a side outrank real defects)."})
+    #: None: the lower half only (on the command line: a negative number).
+    recall_tau: float | None = field(default=3.0, metadata={
+        "help": "Lite: also judge normal the upper-half samples within this many standard "
+                "deviations of the lower half's mean (negative: lower half only)."})
+    hard_normals: int = field(default=0, metadata={
+        "min": 0,
+        "help": "Flag the K kept normal images that look most anomalous (per category)."})
+    drop: bool = field(default=True, metadata={"help": "Manifest mode: score and flag only."})
     # full mode
-    iterations: int = 2000
-    cold_start: int = 1000
+    iterations: int = field(default=2000, metadata={
+        "min": 1, "help": "Full mode: training iterations."})
+    cold_start: int = field(default=1000, metadata={
+        "min": 0, "help": "Full mode: iterations before uncertainty joins the score."})
     passes: int = 10
     dropout: float = 0.2
-    #: torch device; None = cuda when present. With --executor ray, "cuda" makes each
-    #: category's filter a task that asks Ray for a GPU.
-    device: str | None = None
+    device: str | None = field(default=None, metadata={
+        "help": "torch device (default: cuda if present). With --executor ray, 'cuda' makes "
+                "each category a Ray task that asks for one GPU."})
 
     def __post_init__(self):
         if self.mode not in ("lite", "full"):
