@@ -199,25 +199,24 @@ def field_option(field: dataclasses.Field, hint: Any) -> click.Option:
     """The option for one Params field (the rules are in the module's docstring)."""
     meta = field.metadata
     if field.default is not dataclasses.MISSING:
-        default = field.default
+        default: dict[str, Any] = {"default": field.default}
     elif field.default_factory is not dataclasses.MISSING:
-        default = field.default_factory()
-    else:
-        default = None
-    required = (field.default is dataclasses.MISSING
-                and field.default_factory is dataclasses.MISSING)
+        default = {"default": field.default_factory()}
+    else:  # (no default at all, not even None: click would count None as given)
+        default = {"required": True}
     dashed = field.name.replace("_", "-")
     help_ = meta.get("help")
     if hint is bool:
-        flag = meta.get("flag", f"--no-{dashed}" if default else f"--{dashed}")
-        return click.Option([flag, field.name], is_flag=True, flag_value=not default,
-                            default=default, help=help_)
+        on = bool(default.get("default"))
+        flag = meta.get("flag", f"--no-{dashed}" if on else f"--{dashed}")
+        return click.Option([flag, field.name], is_flag=True, flag_value=not on, default=on,
+                            help=help_)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
     decls = [f"--{dashed}", *([meta["short"]] if "short" in meta else []), field.name]
-    return click.Option(decls, type=_click_type(field.name, hint, meta), default=default,
-                        required=required, show_default=default is not None, help=help_)
+    return click.Option(decls, type=_click_type(field.name, hint, meta), **default,
+                        show_default=default.get("default") is not None, help=help_)
 
 
 def params_options(params_class: type, by_hand: Collection[str] = ()) -> list[click.Option]:
