@@ -199,15 +199,15 @@ def field_option(field: dataclasses.Field, hint: Any) -> click.Option:
     """The option for one Params field (the rules are in the module's docstring)."""
     meta = field.metadata
     if field.default is not dataclasses.MISSING:
-        default: dict[str, Any] = {"default": field.default}
+        default_or_required: dict[str, Any] = {"default": field.default}
     elif field.default_factory is not dataclasses.MISSING:
-        default = {"default": field.default_factory()}
+        default_or_required = {"default": field.default_factory()}
     else:  # (no default at all, not even None: click would count None as given)
-        default = {"required": True}
+        default_or_required = {"required": True}
     dashed = field.name.replace("_", "-")
     help_ = meta.get("help")
     if hint is bool:
-        on = bool(default.get("default"))
+        on = bool(default_or_required.get("default"))
         flag = meta.get("flag", f"--no-{dashed}" if on else f"--{dashed}")
         return click.Option([flag, field.name], is_flag=True, flag_value=not on, default=on,
                             help=help_)
@@ -215,8 +215,8 @@ def field_option(field: dataclasses.Field, hint: Any) -> click.Option:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
     decls = [f"--{dashed}", *([meta["short"]] if "short" in meta else []), field.name]
-    return click.Option(decls, type=_click_type(field.name, hint, meta), **default,
-                        show_default=default.get("default") is not None, help=help_)
+    return click.Option(decls, type=_click_type(field.name, hint, meta), **default_or_required,
+                        show_default=default_or_required.get("default") is not None, help=help_)
 
 
 def params_options(params_class: type, by_hand: Collection[str] = ()) -> list[click.Option]:

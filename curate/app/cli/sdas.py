@@ -104,9 +104,9 @@ def sdas_train(manifest: str | None, category: str, out: Path, steps: int, batch
 
 @sdas_group.command("sample", cls=StageCommand,
                     stage_params="curate.stages.sdas.stage:SdasSampleParams",
-                   # --checkpoint is a path that must exist (recorded absolute), --strength is
-                   # the pair of bounds, and the device's default depends on the machine.
-                   by_hand=("checkpoint", "strength_min", "strength_max", "device"))
+                    # --checkpoint is a path that must exist (recorded absolute), --strength
+                    # is the pair of bounds, and the device's default depends on the machine.
+                    by_hand=("checkpoint", "strength_min", "strength_max", "device"))
 @click.argument("manifest", required=False)
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, path_type=Path),
               help="A `curate sdas train` folder or an official ADM checkpoint (.pt).")
@@ -148,10 +148,11 @@ def sdas_sample(manifest: str | None, checkpoint: Path, strength: tuple[float, f
 
 @sdas_group.command("blend", cls=StageCommand,
                     stage_params="curate.stages.sdas.stage:SdasBlendParams",
-                   # --bank names a manifest (recorded by its id), --delta is the pair of
-                   # bounds; the Perlin mask's scales and threshold are not on the command line.
-                   by_hand=("bank", "delta_min", "delta_max", "min_scale", "max_scale",
-                            "threshold"))
+                    # --bank names a manifest (recorded by its id), --delta is the pair of
+                    # bounds; the Perlin mask's scales and threshold are not on the command
+                    # line.
+                    by_hand=("bank", "delta_min", "delta_max", "min_scale", "max_scale",
+                             "threshold"))
 @click.argument("manifest", required=False)
 @click.option("--bank", default=None, help="Bank manifest (sdas sample) to take anomalies "
               "from; without it, procedural textures.")
