@@ -111,6 +111,7 @@ def cli(debug: bool) -> None:
       curate export mvtec --out mtd-mvtec -w ws
     """
 
+
 for command in (stages.ingest, stages.labels, stages.merge, stages.dedup, stages.quality,
                 build.build_cmd, manifest.manifest_group, review.review_group,
                 export.export_group, build.demo, build.card, bench.bench_cmd, sdas.sdas_group,
