@@ -28,7 +28,8 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from curate.imaging.io import decode_file
-from curate.stages.ssfilter.stage import SSFilterParams, run_filter
+from curate.stages.ssfilter.params import SSFilterParams
+from curate.stages.ssfilter.stage import run_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MTD = ROOT.parent / "shared" / "data" / "mtd"

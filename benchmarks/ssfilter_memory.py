@@ -39,7 +39,8 @@ def status(field: str) -> int:
 def run_one(n: int) -> dict:
     import torch
 
-    from curate.stages.ssfilter.stage import SSFilterParams, run_filter
+    from curate.stages.ssfilter.params import SSFilterParams
+    from curate.stages.ssfilter.stage import run_filter
 
     torch.set_num_threads(2)
     params = SSFilterParams(kappa1=1, kappa2=0, image_size=64)

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import curate.app.cli
-from curate.app.cli import StageDefault, cli, main
+import curate.app.cli.stages
+from curate.app.cli import cli, main
 from curate.engine.workspace import Workspace
 from curate.sources.discover import discover
 from curate.stages.dedup import DedupParams
@@ -162,23 +162,24 @@ def test_sources_not_given_are_reported_without_a_none_folder(tmp_path):
     assert "nope: no such folder" in _one_error_line(result.stderr)
 
 
-def test_dedup_option_defaults_are_the_stage_params_defaults(tmp_path, monkeypatch):
+def test_dedup_options_are_the_stage_params_and_a_larger_radius_pulls_the_group_along(
+        tmp_path, monkeypatch):
     command = cli.commands["dedup"]
-    options = {p.name: p for p in command.params if isinstance(p, StageDefault)}
-    assert set(options) == {"method", "radius", "transforms", "group_radius", "decode"}
     ctx = command.make_context("dedup", [])
-    for field in dataclasses.fields(DedupParams):
-        if field.name in options:
-            assert options[field.name].get_default(ctx) == field.default, field.name
+    fields = dataclasses.asdict(DedupParams())
+    assert {name: ctx.params[name] for name in fields} == fields
     assert f"[default: {DedupParams.group_radius}" in command.get_help(ctx).replace("\n", " ")
     # What reaches the stage: its defaults; a larger --radius pulls the group radius along.
     seen = []
-    monkeypatch.setattr(curate.app.cli, "_run_one", lambda stage, m, params, *a: seen.append(params))
-    for args in ([], ["--radius", "20"], ["--radius", "3", "--group-radius", "5"]):
+    monkeypatch.setattr(curate.app.cli.stages, "_run_one",
+                        lambda stage, m, params, *a: seen.append(params))
+    for args in ([], ["--radius", "20"], ["--radius", "3", "--group-radius", "5"],
+                 ["--keep-near"]):
         CliRunner().invoke(cli, ["dedup", "-w", str(tmp_path), "--json", *args])
     assert seen[0] == DedupParams()
     assert (seen[1].radius, seen[1].group_radius) == (20, 20)
     assert (seen[2].radius, seen[2].group_radius) == (3, 5)
+    assert seen[3] == DedupParams(drop_near=False)
 
 
 # ------------------------------------------------------------------- curate bench

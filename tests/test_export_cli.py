@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from helpers import ingest, labels, mtd_subset, tree_digest
 
-from curate.app.cli import cli, review_push
+from curate.app.cli import cli
+from curate.app.cli.review import review_push
 from curate.app.demo import checkout_mtd, choose_mtd
 from curate.core.manifest import KEPT, drop
 from curate.engine.runner import Context

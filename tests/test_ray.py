@@ -247,7 +247,8 @@ def test_sdas_bank_is_the_same_from_ray_tasks(ray_runtime, tmp_path):
 
 def test_ssfilter_is_the_same_from_ray_tasks(ray_runtime, mtd_root, tmp_path):
     pytest.importorskip("torch")
-    from curate.stages.ssfilter.stage import SSFilter, SSFilterParams
+    from curate.stages.ssfilter.params import SSFilterParams
+    from curate.stages.ssfilter.stage import SSFilter
 
     source = mtd_subset(mtd_root, tmp_path / "mtd", {"MT_Free": 10, "MT_Crack": 2})
     params = SSFilterParams(kappa1=3, kappa2=0, batch_size=4, device="cpu")

@@ -211,7 +211,7 @@ def test_the_app_shows_the_dataset_in_a_real_browser(reviewed, fo, tmp_path):
     port = _free_port()
     app = subprocess.Popen(
         [sys.executable, "-m", "curate.app.cli", "review", "open", "mtd-browser", "--port",
-         str(port), "-w", str(ws.root)],
+         str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ)
     url = f"http://127.0.0.1:{port}/datasets/mtd-browser"
     try:

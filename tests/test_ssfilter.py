@@ -20,8 +20,9 @@ from curate.stages.split import Split, SplitParams
 from curate.stages.ssfilter import scoring
 from curate.stages.ssfilter.features import build_descriptor
 from curate.stages.ssfilter.folder import filter_folder
+from curate.stages.ssfilter.params import SSFilterParams
 from curate.stages.ssfilter.scoring import mutual_scores, select_normal
-from curate.stages.ssfilter.stage import SSFilter, SSFilterParams, run_filter
+from curate.stages.ssfilter.stage import SSFilter, run_filter
 
 FAST = dict(image_size=128, batch_size=12)  # 8x8 patches an image: milliseconds a batch
 

@@ -46,7 +46,7 @@ side of train/test. The group id is the sample id of the group's first member.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -67,21 +67,31 @@ from curate.imaging.stats import relative_sharpness
 
 @dataclass(frozen=True)
 class DedupParams:
-    method: str = "phash"
-    #: Largest Hamming distance (of 64 bits) at which two images are near duplicates.
-    radius: int = 10
-    #: "none", "flips" (also match horizontally/vertically flipped copies) or "dihedral".
-    transforms: str = "none"
-    #: Largest distance that puts two images in one group (at least ``radius``).
-    group_radius: int = 12
-    #: Let samples with different labels be duplicates of each other (off: see above).
-    across_labels: bool = False
-    #: Drop near duplicates (True), or only cluster and group them, dropping exact duplicates
-    #: alone (False: e.g. MTD's exposure series, which are to stay together, not to go).
-    drop_near: bool = True
-    #: "full": hash exactly what imagehash hashes; "reduced": hash a JPEG decoded at 1/2-1/8
-    #: scale (about 1.5x faster, hashes a median 2 bits off imagehash's; see the module doc).
-    decode: str = "full"
+    method: str = field(default="phash", metadata={
+        "choices": phash.METHODS, "help": "Perceptual hash."})
+    radius: int = field(default=10, metadata={
+        "min": 0, "max": 32,
+        "help": "Largest Hamming distance (of 64 bits) between near duplicates."})
+    transforms: str = field(default="none", metadata={
+        "choices": phash.TRANSFORM_SETS,
+        "help": "Also match flipped (flips) or flipped and rotated (dihedral) copies."})
+    group_radius: int = field(default=12, metadata={
+        "min": 0, "max": 32,
+        "help": "Distance that puts images in one split group (when not given: at least "
+                "--radius)."})
+    #: Off: a small defect is exactly what tells two otherwise identical images apart (see
+    #: the module doc).
+    across_labels: bool = field(default=False, metadata={
+        "help": "Let samples with different labels be duplicates of each other."})
+    #: Off: for near duplicates that are wanted variation, e.g. MTD's exposure series, which
+    #: are to stay together, not to go.
+    drop_near: bool = field(default=True, metadata={
+        "flag": "--keep-near",
+        "help": "Only cluster and group near duplicates; drop exact duplicates alone."})
+    decode: str = field(default="full", metadata={
+        "choices": ("full", "reduced"),
+        "help": "full: hash exactly what imagehash hashes; reduced: decode JPEGs at 1/2-1/8 "
+                "scale (faster, hashes a few bits off imagehash's)."})
 
     def __post_init__(self):
         if self.method not in phash.METHODS:

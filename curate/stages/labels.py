@@ -20,7 +20,7 @@ whose detail names the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,12 @@ from curate.imaging.masks import (
 class LabelsParams:
     #: "auto" (see ``curate.imaging.io.binarize``: 0 for binary and label-id masks, 127 for
     #: anti-aliased ones) or an integer on the 8-bit scale: foreground is value > threshold.
-    threshold: str | int = "auto"
-    #: Pixels a box or polygon may overshoot the image before it counts as outside.
-    tolerance: float = 1.0
+    threshold: str | int = field(default="auto", metadata={
+        "choices": ("auto",),
+        "help": "Mask binarisation: 'auto' (127, or 0 for 0/1 masks) or 0..254."})
+    #: Overshooting more, a box or polygon counts as outside the image.
+    tolerance: float = field(default=1.0, metadata={
+        "help": "Pixels a box or polygon may overshoot the image."})
 
     def __post_init__(self):
         if self.threshold != "auto" and not (isinstance(self.threshold, int)

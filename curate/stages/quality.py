@@ -26,7 +26,7 @@ a tile): ``max_clipped = 0.4``. The lowest contrast range is 46 grey levels:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,11 +46,17 @@ from curate.imaging.stats import exposure, sharpness
 
 @dataclass(frozen=True)
 class QualityParams:
-    min_side: int = 64
-    blur_z: float = -3.0
+    min_side: int = field(default=64, metadata={
+        "min": 1, "help": "Smallest acceptable shorter side, in pixels."})
+    blur_z: float = field(default=-3.0, metadata={
+        "help": "Drop when sharpness is this many robust deviations below the category's "
+                "median."})
     min_category: int = 30
-    max_clipped: float = 0.4
-    min_contrast: float = 16.0
+    max_clipped: float = field(default=0.4, metadata={
+        "min": 0, "max": 1, "min_open": True,
+        "help": "Largest fraction of pixels at <= 5 or >= 250."})
+    min_contrast: float = field(default=16.0, metadata={
+        "help": "Smallest 1st-to-99th percentile range of grey levels."})
 
     def __post_init__(self):
         if self.min_side < 1:

@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +147,28 @@ def training_images(workspace, manifest: Manifest, category: str) -> list[np.nda
 # ----------------------------------------------------------------------------- sampling
 @dataclass(frozen=True)
 class SdasSampleParams:
-    category: str
+    category: str = field(metadata={"help": "Category the bank is for (names its rows)."})
     #: A `curate sdas train` folder or an official ADM checkpoint (.pt).
     checkpoint: str
-    n: int = 10000
-    steps: int = 20
-    spacing: str = "ddim"
-    sampler: str = "ddpm"
+    n: int = field(default=10000, metadata={
+        "short": "-n", "min": 1, "help": "Synthetic images to make."})
+    steps: int = field(default=20, metadata={"min": 1, "help": "Reverse steps (respaced)."})
+    # The choices are the sampler's SPACINGS and METHODS, which need PyTorch to import (a test
+    # checks they agree).
+    spacing: str = field(default="ddim", metadata={
+        "choices": ("ddim", "even"),
+        "help": "ddim: 0, T/K, 2T/K, ... (RealNet's ddim20); even: rounded even spacing from "
+                "0 to T-1."})
+    sampler: str = field(default="ddpm", metadata={
+        "choices": ("ddpm", "ddim"), "help": "Ancestral (1+s)·Σ, or DDIM plus s·Σ."})
     strength_min: float = 0.1
     strength_max: float = 0.2
-    batch_size: int = 16
-    #: Class index for class-conditional checkpoints (RealNet's: the MVTec category index).
-    class_label: int | None = None
+    batch_size: int = field(default=16, metadata={"min": 1})
+    class_label: int | None = field(default=None, metadata={
+        "help": "Class index of a class-conditional checkpoint (RealNet: MVTec order)."})
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = field(default="fp32", metadata={
+        "choices": PRECISIONS, "help": "Model arithmetic (bf16/fp16 autocast on a GPU)."})
 
     def __post_init__(self):
         # Checked here, before any work: sampling needs PyTorch (the detectors extra).
@@ -360,12 +368,14 @@ def _append_journal(path: Path, entries: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- blending
 @dataclass(frozen=True)
 class SdasBlendParams:
-    category: str
+    category: str = field(metadata={"help": "Blend into this category's normal images."})
     #: Id of a bank manifest (sdas_sample); empty: procedural textures as the anomaly source.
     bank: str = ""
-    #: Blended images to make; 0 = one per normal training image.
-    n: int = 0
-    size: int = 256
+    n: int = field(default=0, metadata={
+        "short": "-n", "min": 0,
+        "help": "Blended images to make (0: one per normal training image)."})
+    size: int = field(default=256, metadata={
+        "min": 8, "help": "Square size of the blended images."})
     delta_min: float = 0.5
     delta_max: float = 1.0
     min_scale: int = 0

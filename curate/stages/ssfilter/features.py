@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-WEIGHT_FREE = ("randconv", "texture")
-DEFAULT_DESCRIPTOR = "randconv"
+from curate.stages.ssfilter.params import DEFAULT_DESCRIPTOR
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

@@ -23,8 +23,9 @@ import numpy as np
 from curate.core.errors import CurateError
 from curate.core.files import walk_files
 from curate.imaging.io import decode, is_image_name
+from curate.stages.ssfilter.params import SSFilterParams
 from curate.stages.ssfilter.scoring import FilterResult, ImageSource, Progress
-from curate.stages.ssfilter.stage import NOISE_FILTER, SSFilterParams, run_filter
+from curate.stages.ssfilter.stage import NOISE_FILTER, run_filter
 
 REPORT = "ssfilter-report.csv"
 REMOVED_SHEET = "removed.png"

@@ -14,7 +14,7 @@ features (``curate.stages.ssfilter.decoder``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from curate.imaging.io import BadImage
 from curate.stages.ssfilter.decoder import PatchDecoder, channel_stats, patch_errors
 from curate.stages.ssfilter.features import WEIGHT_FREE, vit_layout, vit_patch_features
+from curate.stages.ssfilter.params import SSFilterParams
 from curate.stages.ssfilter.scoring import (
     FilterResult,
     ImageSource,
@@ -33,9 +34,6 @@ from curate.stages.ssfilter.scoring import (
     select_normal,
     shufflings,
 )
-
-if TYPE_CHECKING:  # the stage module imports this one; the parameters are for annotations
-    from curate.stages.ssfilter.stage import SSFilterParams
 
 
 def _pass_spread(per_pass: list[torch.Tensor]) -> np.ndarray:

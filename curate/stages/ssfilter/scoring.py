@@ -33,7 +33,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +42,7 @@ from torch.nn import functional as F
 from curate.core.errors import CurateError
 from curate.imaging.io import BadImage
 from curate.stages.ssfilter.features import Descriptor, build_descriptor
-
-if TYPE_CHECKING:  # the stage module imports this one; the parameters are for annotations
-    from curate.stages.ssfilter.stage import SSFilterParams
+from curate.stages.ssfilter.params import SSFilterParams
 
 ImageSource = Callable[[int], np.ndarray]  # index -> decoded image (raises BadImage)
 #: Called with (phase, done, total): "features", "training", "shufflings".

@@ -45,65 +45,12 @@ from curate.engine.runner import (
     recorded_file,
 )
 from curate.imaging.io import decode
-from curate.stages.ssfilter.features import DEFAULT_DESCRIPTOR, WEIGHT_FREE
 from curate.stages.ssfilter.models import run_full
+from curate.stages.ssfilter.params import SSFilterParams
 from curate.stages.ssfilter.scoring import FilterResult, ImageSource, Progress, rng_seed, run_lite
 
 NOISE_FILTER = "noise_filter"
 HARD_NORMAL = "hard_normal"
-
-
-@dataclass(frozen=True)
-class SSFilterParams:
-    mode: str = "lite"
-    kappa1: int = 20
-    kappa2: int = 5
-    batch_size: int = 32
-    #: Patch descriptor: "randconv" / "texture" (no weights) or a detectors.backbones name.
-    backbone: str = DEFAULT_DESCRIPTOR
-    #: Weight file or folder of a bundled backbone ("random" for tests); None = local caches.
-    weights: str | None = None
-    image_size: int | None = None
-    sim_ratio: float = 0.001
-    #: Share of an image's patch scores averaged into its score; None: the descriptor's
-    #: (1 % of the 16×16 backbone grid as in the paper, 5 % of randconv's 8×8 grid).
-    image_ratio: float | None = None
-    #: randconv: share of each side of the image left out of its patches.
-    border: float = 0.04
-    recall_tau: float | None = 3.0
-    hard_normals: int = 0
-    drop: bool = True
-    # full mode
-    iterations: int = 2000
-    cold_start: int = 1000
-    passes: int = 10
-    dropout: float = 0.2
-    #: torch device; None = cuda when present. With --executor ray, "cuda" makes each
-    #: category's filter a task that asks Ray for a GPU.
-    device: str | None = None
-
-    def __post_init__(self):
-        if self.mode not in ("lite", "full"):
-            raise ValueError(f"mode must be 'lite' or 'full', got {self.mode!r}")
-        if self.kappa1 < 1 or not 0 <= self.kappa2 < self.kappa1:
-            raise ValueError(f"need kappa1 >= 1 and 0 <= kappa2 < kappa1, got {self.kappa1}, "
-                             f"{self.kappa2}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2, got {self.batch_size}")
-        if not (0 < self.sim_ratio <= 1 and 0 < (self.image_ratio or 1) <= 1):
-            raise ValueError("sim_ratio and image_ratio must be in (0, 1]")
-        if not 0 <= self.border < 0.5:
-            raise ValueError(f"border must be in [0, 0.5), got {self.border}")
-        if self.hard_normals < 0:
-            raise ValueError(f"hard_normals must be >= 0, got {self.hard_normals}")
-        if self.mode == "full":
-            if not (self.backbone.startswith("dinov2") or self.backbone in WEIGHT_FREE):
-                raise ValueError("mode 'full' trains a Dinomaly-style model: it needs a DINOv2 "
-                                 "backbone (e.g. dinov2_vits14_reg with --weights) or a "
-                                 f"weight-free descriptor ({', '.join(WEIGHT_FREE)}), not "
-                                 f"{self.backbone!r}")
-            if self.passes < 2:
-                raise ValueError(f"passes must be at least 2, got {self.passes}")
 
 
 def run_filter(read: ImageSource, n: int, params: SSFilterParams, seed: int, *,
