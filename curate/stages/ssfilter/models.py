@@ -21,8 +21,8 @@ import torch
 
 from curate.imaging.io import BadImage
 from curate.stages.ssfilter.decoder import PatchDecoder, channel_stats, patch_errors
-from curate.stages.ssfilter.features import WEIGHT_FREE, vit_layout, vit_patch_features
-from curate.stages.ssfilter.params import SSFilterParams
+from curate.stages.ssfilter.features import vit_layout, vit_patch_features
+from curate.stages.ssfilter.params import WEIGHT_FREE, SSFilterParams
 from curate.stages.ssfilter.scoring import (
     FilterResult,
     ImageSource,
