@@ -103,3 +103,27 @@ def test_require_names_the_extra_and_lets_other_import_errors_through(tmp_path, 
     with pytest.raises(ModuleNotFoundError, match="curate_no_such_module"):
         require("needs_nothing_known", "a bug")
     assert set(OPTIONAL) <= set(EXTRAS)
+
+
+def test_every_command_shows_its_help_on_the_base_install(base_env, tmp_path):
+    """Options are generated from the stages' Params: reading them must not need an extra
+    (SSFilterParams, SdasSampleParams live apart from the torch code for this)."""
+    from curate.app.cli import cli
+
+    def paths(group, prefix=()):
+        for name, command in group.commands.items():
+            yield (*prefix, name)
+            if hasattr(command, "commands"):
+                yield from paths(command, (*prefix, name))
+
+    script = "; ".join([
+        "import sys", "from click.testing import CliRunner", "from curate.app.cli import cli",
+        "bad = [p for p in map(str.split, sys.argv[1:]) "
+        "if (r := CliRunner().invoke(cli, [*p, '--help'])).exit_code != 0 "
+        "or 'Usage:' not in r.output]",
+        "print(bad); sys.exit(1 if bad else 0)"])
+    commands = [" ".join(p) for p in paths(cli)]
+    assert "filter-noise" in commands and "sdas sample" in commands
+    result = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True,
+                            text=True, env=base_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
