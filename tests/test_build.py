@@ -21,6 +21,7 @@ from curate.core.errors import CurateError
 from curate.core.files import walk_files
 from curate.engine.runner import Context
 from curate.engine.workspace import Workspace
+from curate.sources import CATALOG, READERS
 from curate.sources.discover import discover
 from curate.testing import fixtures
 
@@ -67,6 +68,18 @@ def test_recipe_mistakes_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------------- discovery
+def test_each_reader_declares_its_source_in_one_place(sources):
+    """Kind, catalog entry and layout check live on the reader; the catalog is read from it."""
+    assert list(CATALOG) == list(READERS)
+    for kind, reader in READERS.items():
+        assert reader.kind == kind and reader.info.kind == kind and CATALOG[kind] is reader.info
+        assert reader.info.folder_names and reader.info.title
+        assert reader.looks_like(sources[kind]), f"{kind} does not recognise its own layout"
+        others = [k for k in READERS if k != kind and READERS[k].looks_like(sources[kind])]
+        # Only casting's check is loose (any images beside annotation files).
+        assert set(others) <= {"casting"}, f"{kind}'s fixture also looks like {others}"
+
+
 def test_sources_are_found_by_name_by_layout_or_explicitly(tmp_path, sources):
     folder = tmp_path / "downloads"
     folder.mkdir()

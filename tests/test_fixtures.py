@@ -13,8 +13,8 @@ from helpers import (
 )
 
 from curate.imaging.io import decode_file, probe
+from curate.sources import CATALOG
 from curate.testing.fixtures import (
-    FOLDERS,
     write_all,
     write_casting,
     write_kolektorsdd,
@@ -36,7 +36,8 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
 
 def test_write_all_writes_one_readable_source_per_kind(ctx, tmp_path):
     roots = write_all(tmp_path, seed=0)
-    assert {kind: root.name for kind, root in roots.items()} == FOLDERS
+    assert {kind: root.name for kind, root in roots.items()} == {
+        kind: CATALOG[kind].folder_names[0] for kind in roots}
     for kind, root in roots.items():
         m = ingest(ctx, kind, root)
         assert_every_file_accounted_for(m, root)

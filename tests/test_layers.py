@@ -23,7 +23,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "sources": ("core", "imaging", "engine", "sources"),
     "stages": ("core", "imaging", "engine", "sources", "stages"),
     "export": ("core", "imaging", "engine", "sources", "stages", "export"),
-    "testing": ("core", "imaging", "testing"),
+    "testing": ("core", "imaging", "sources", "testing"),
 }
 LAYERS = (*ALLOWED, "app")
 
@@ -171,6 +171,6 @@ def test_the_checker_finds_each_way_of_naming_a_module(tmp_path):
         "curate/core/bad.py:5 imports curate.export.mvtec: core may import only core",
         "curate/core/bad.py:6 imports curate.stages.x: core may import only core",
         "curate/testing/planting.py:1 imports curate.engine.store: "
-        "testing may import only core, imaging, testing",
+        "testing may import only core, imaging, sources, testing",
         "detectors/base.py:1 imports curate.core.errors: detectors never imports curate",
     ]

@@ -217,6 +217,7 @@ def test_a_workspace_inside_its_source_is_left_out(tiles):
 
 
 def test_an_unreadable_folder_among_the_sources_is_not_a_crash(tmp_path, monkeypatch):
+    from curate.sources import READERS
     from curate.sources import discover as discovering
 
     (tmp_path / "locked").mkdir()
@@ -224,7 +225,7 @@ def test_an_unreadable_folder_among_the_sources_is_not_a_crash(tmp_path, monkeyp
     def unreadable(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setitem(discovering.LOOKS_LIKE, "kolektorsdd", unreadable)
+    monkeypatch.setattr(READERS["kolektorsdd"], "looks_like", staticmethod(unreadable))
     found, missing = discovering.discover(tmp_path, ["kolektorsdd"], {}, {})
     assert not found and "no folder named" in missing["kolektorsdd"]
     monkeypatch.setattr(Path, "iterdir", unreadable)

@@ -39,7 +39,7 @@ from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.store import Store
 from curate.export.index import read_report
 from curate.export.mvtec import split_and_label
-from curate.sources.catalog import CATALOG
+from curate.sources import CATALOG
 
 CARD_NAME = "card.md"
 FIGURES_DIR = "card"

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from curate.core.errors import CurateError
 from curate.sources.base import Reader
 from curate.sources.casting import CastingReader
+from curate.sources.catalog import SourceInfo
 from curate.sources.kolektorsdd import KolektorSDDReader
 from curate.sources.kolektorsdd2 import KolektorSDD2Reader
 from curate.sources.mtd import MTDReader
@@ -17,6 +18,8 @@ READERS: dict[str, type[Reader]] = {r.kind: r for r in (
     MTDReader, KolektorSDDReader, KolektorSDD2Reader, SeverstalReader, CastingReader,
     MVTecReader,
 )}
+#: What is known about each source (kind -> its reader's ``info``).
+CATALOG: dict[str, SourceInfo] = {kind: reader.info for kind, reader in READERS.items()}
 
 
 def get_reader(kind: str, leave_out: Mapping[str, str] | None = None) -> Reader:

@@ -30,8 +30,14 @@ from curate.core.errors import CurateError, UsageError
 from curate.core.files import walk_files
 from curate.core.manifest import GOOD
 from curate.imaging.io import is_image_name
+from curate.sources.catalog import SourceInfo
 
 COMBINED = "combined"  # MVTec AD's name for an image with several defect types
+
+
+def has_match(path: Path, pattern: str) -> bool:
+    """Whether anything under ``path`` matches the glob ``pattern`` (stops at the first)."""
+    return next(path.glob(pattern), None) is not None
 
 
 @dataclass
@@ -80,6 +86,9 @@ class Reader(abc.ABC):
     """A source reader. Subclasses set the class attributes and implement :meth:`scan`."""
 
     kind: ClassVar[str]
+    #: Where the source is distributed, its licence and citation, the folder names it comes
+    #: under (``curate.sources.CATALOG`` and discovery read them from here).
+    info: ClassVar[SourceInfo]
     #: Category given to the source's samples unless the ``category`` option overrides it.
     category: ClassVar[str]
     #: One sentence describing the expected layout, used in errors.
@@ -89,6 +98,13 @@ class Reader(abc.ABC):
     #: Option name -> its allowed values (a tuple) or its type. ``category`` is a string; an
     #: option whose default is None may also be left None.
     option_values: ClassVar[dict[str, tuple[Any, ...] | type]] = {}
+
+    @staticmethod
+    @abc.abstractmethod
+    def looks_like(path: Path) -> bool:
+        """Whether ``path`` holds this source in its distributed layout: a cheap check on
+        directory listings (nothing is opened), used to find a source not under one of its
+        folder names."""
 
     def __init__(self, leave_out: Mapping[str, str] | None = None):
         #: Folders under the root the walk must not enter (relative path -> why), such as a

@@ -25,11 +25,11 @@ from typing import Any
 
 from curate.core.errors import CurateError, UsageError
 from curate.core.files import check_relative
-from curate.core.manifest import drop, new_row
+from curate.core.manifest import GOOD, drop, new_row
 from curate.sources.base import (
-    GOOD,
     Reader,
     Scan,
+    has_match,
     ignore_rest,
     is_image,
     label_for,
@@ -44,6 +44,7 @@ from curate.sources.boxformats import (
     read_yolo,
     yolo_files,
 )
+from curate.sources.catalog import SourceInfo
 
 UNANNOTATED = ("good", "drop")
 
@@ -54,6 +55,21 @@ def _with_ext(files: list[str], ext: str) -> list[str]:
 
 class CastingReader(Reader):
     kind = "casting"
+    info = SourceInfo(
+        kind, "Casting surface defects",
+        "no public distribution located; ask the authors",
+        "unknown",
+        "Q. Wang, S. Gao, L. Xiong, A. Liang, K. Jiang, W. Zhang, \"A casting surface dataset "
+        "and benchmark for subtle and confusable defect detection in complex contexts\", IEEE "
+        "Sensors Journal, 2024.",
+        ("casting", "Casting", "casting-surface", "casting_dataset"))
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        return ((has_match(path, "**/*.xml") or has_match(path, "**/*.json")
+                 or has_match(path, "labels/**/*.txt"))
+                and (has_match(path, "**/*.jpg") or has_match(path, "**/*.png")))
+
     category = "Casting"
     layout = ("images anywhere under the folder with Pascal VOC XML, YOLO TXT or COCO JSON "
               "box annotations")

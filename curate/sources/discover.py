@@ -2,48 +2,24 @@
 
 Each source is found by its folder name as distributed (``KolektorSDD``,
 ``Magnetic-tile-defect-datasets.``, ``severstal-steel-defect-detection`` …, compared
-case-insensitively, common aliases included: ``curate.sources.catalog``), or else by
-recognising its layout in a sub-folder; ``--source KIND=PATH`` names one explicitly. A source
+case-insensitively, common aliases included: each reader's ``info``), or else by
+recognising its layout in a sub-folder (the reader's ``looks_like``); ``--source KIND=PATH`` names one explicitly. A source
 that is not found is reported, not an error: the build goes on without it.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 from curate.core.errors import CurateError
-from curate.sources.catalog import CATALOG
-
-
-def _has(path: Path, pattern: str) -> bool:
-    return next(path.glob(pattern), None) is not None
-
-
-def _casting_like(path: Path) -> bool:
-    return (_has(path, "**/*.xml") or _has(path, "**/*.json") or _has(path, "labels/**/*.txt")) \
-        and (_has(path, "**/*.jpg") or _has(path, "**/*.png"))
-
-
-#: Cheap checks that a folder holds a source in its distributed layout (directory listings
-#: only; nothing is opened). Ordered from the most to the least specific.
-LOOKS_LIKE: dict[str, Callable[[Path], bool]] = {
-    "mtd": lambda p: _has(p, "MT_*/Imgs"),
-    "severstal": lambda p: (p / "train_images").is_dir() and any(
-        f.name.lower() == "train.csv" for f in p.iterdir()),
-    "kolektorsdd": lambda p: any(d.is_dir() and re.fullmatch(r"kos\d+", d.name)
-                                 for d in p.iterdir()),
-    "kolektorsdd2": lambda p: (p / "train").is_dir() and _has(p / "train", "*_GT.png"),
-    "mvtec": lambda p: _has(p, "*/train/good") or (p / "train" / "good").is_dir(),
-    "casting": _casting_like,
-}
+from curate.sources import CATALOG, READERS
 
 
 def _looks_like(kind: str, path: Path) -> bool:
-    """``LOOKS_LIKE[kind]``, where a folder that cannot be listed looks like nothing."""
+    """The reader's :meth:`~curate.sources.base.Reader.looks_like`, where a folder that cannot
+    be listed looks like nothing."""
     try:
-        return LOOKS_LIKE[kind](path)
+        return READERS[kind].looks_like(path)
     except OSError:
         return False
 

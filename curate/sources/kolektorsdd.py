@@ -19,6 +19,7 @@ from typing import Any
 
 from curate.core.manifest import drop, new_row
 from curate.sources.base import Reader, Scan, pair_masks_beside
+from curate.sources.catalog import SourceInfo
 
 _IN_KOS = re.compile(r"^kos\d+/[^/]+$")
 MASK_SUFFIX = "_label"
@@ -29,6 +30,18 @@ KNOWN_FAULTY = {"kos21/Part7": "the KolektorSDD authors' own loader skips it as 
 
 class KolektorSDDReader(Reader):
     kind = "kolektorsdd"
+    info = SourceInfo(
+        kind, "KolektorSDD", "https://www.vicos.si/resources/kolektorsdd/",
+        "CC BY-NC-SA 4.0",
+        "D. Tabernik, S. Šela, J. Skvarč, D. Skočaj, \"Segmentation-based deep-learning "
+        "approach for surface-defect detection\", J. Intelligent Manufacturing 31(3):759-776, "
+        "2020.",
+        ("KolektorSDD", "KSDD", "KolektorSDD-boxes", "kolektor-sdd"))
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        return any(d.is_dir() and re.fullmatch(r"kos\d+", d.name) for d in path.iterdir())
+
     category = "KolektorSDD"
     layout = "kosNN/PartN.jpg images with PartN_label.bmp masks beside them"
     options = {"release": "fine", "skip_known_faulty": True}

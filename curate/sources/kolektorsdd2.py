@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from curate.core.manifest import drop, new_row
-from curate.sources.base import Reader, Scan, pair_masks_beside
+from curate.sources.base import Reader, Scan, has_match, pair_masks_beside
+from curate.sources.catalog import SourceInfo
 
 _IN_SPLIT = re.compile(r"^(train|test)/[^/]+$")
 MASK_SUFFIX = "_GT"
@@ -26,6 +27,17 @@ MASK_SUFFIX = "_GT"
 
 class KolektorSDD2Reader(Reader):
     kind = "kolektorsdd2"
+    info = SourceInfo(
+        kind, "KolektorSDD2", "https://www.vicos.si/resources/kolektorsdd2/",
+        "CC BY-NC-SA 4.0",
+        "J. Božič, D. Tabernik, D. Skočaj, \"Mixed supervision for surface-defect detection: "
+        "from weakly to fully supervised learning\", Computers in Industry 129:103459, 2021.",
+        ("KolektorSDD2", "KSDD2", "kolektor-sdd2"))
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        return (path / "train").is_dir() and has_match(path / "train", "*_GT.png")
+
     category = "KolektorSDD2"
     layout = "train/<id>.png and test/<id>.png images with <id>_GT.png masks beside them"
 

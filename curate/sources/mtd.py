@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from curate.core.manifest import GOOD, drop, new_row
-from curate.sources.base import Reader, Scan, is_image, stem_and_ext
+from curate.sources.base import Reader, Scan, has_match, is_image, stem_and_ext
+from curate.sources.catalog import SourceInfo
 
 _IN_IMGS = re.compile(r"^MT_([^/]+)/Imgs/([^/]+)$")
 FREE = "Free"
@@ -23,6 +24,19 @@ FREE = "Free"
 
 class MTDReader(Reader):
     kind = "mtd"
+    info = SourceInfo(
+        kind, "Magnetic-tile defect (MTD)",
+        "https://github.com/abin24/Magnetic-tile-defect-datasets.",
+        "none published; the authors ask for citation (research use)",
+        "Y. Huang, C. Qiu, K. Yuan, \"Surface defect saliency of magnetic tile\", The Visual "
+        "Computer 36(1):85-96, 2020.",
+        ("Magnetic-tile-defect-datasets.", "Magnetic-tile-defect-datasets",
+         "Magnetic-tile-defect", "MTD", "magnetic-tile"))
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        return has_match(path, "MT_*/Imgs")
+
     category = "Magnetic-tile-defect"
     layout = "MT_<class>/Imgs/<stem>.jpg images with <stem>.png masks beside them"
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from curate.core.errors import CurateError
 from curate.core.manifest import GOOD, drop, new_row
-from curate.sources.base import Reader, Scan, is_image, stem_and_ext
+from curate.sources.base import Reader, Scan, has_match, is_image, stem_and_ext
+from curate.sources.catalog import SourceInfo
 
 SPLITS = ("train", "test")
 GROUND_TRUTH = "ground_truth"
@@ -39,6 +40,17 @@ def category_folders(root: Path, files: list[str], category: str) -> dict[str, s
 
 class MVTecReader(Reader):
     kind = "mvtec"
+    info = SourceInfo(
+        kind, "MVTec-AD layout", "https://www.mvtec.com/company/research/datasets/mvtec-ad",
+        "as the folder's own dataset says (MVTec AD itself: CC BY-NC-SA 4.0)",
+        "P. Bergmann, M. Fauser, D. Sattlegger, C. Steger, \"MVTec AD - a comprehensive "
+        "real-world dataset for unsupervised anomaly detection\", CVPR 2019.",
+        ("mvtec", "mvtec_anomaly_detection", "mvtec-ad"))
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        return has_match(path, "*/train/good") or (path / "train" / "good").is_dir()
+
     #: Empty: the category is the folder's name (see the module docstring).
     category = ""
     layout = ("<Category>/train/good/*.png and <Category>/test/<defect>/*.png images with "

@@ -34,6 +34,7 @@ from curate.core.errors import CurateError, UnsafePathError, stable_text
 from curate.core.files import check_relative
 from curate.core.manifest import drop, new_row
 from curate.sources.base import Inventory, Reader, Scan, is_image, label_for, stem_and_ext
+from curate.sources.catalog import SourceInfo
 
 CSV = "train.csv"
 TRAIN, TEST = "train_images", "test_images"
@@ -150,6 +151,19 @@ def read_train_csv(path: Path, train_images: dict[tuple[str, str], str],
 
 class SeverstalReader(Reader):
     kind = "severstal"
+    info = SourceInfo(
+        kind, "Severstal: Steel Defect Detection (STEEL)",
+        "https://www.kaggle.com/c/severstal-steel-defect-detection",
+        "Kaggle competition rules (accept them on Kaggle to download)",
+        "A. Grishin, BorisV, iBardintsev, inversion, Oleg, \"Severstal: Steel Defect "
+        "Detection\", Kaggle, 2019.",
+        ("severstal-steel-defect-detection", "severstal", "STEEL", "steel-defect-detection"))
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        return (path / "train_images").is_dir() and any(
+            f.name.lower() == "train.csv" for f in path.iterdir())
+
     category = "STEEL"
     layout = (f"{TRAIN}/<ImageId>.jpg images, {TEST}/ and a {CSV} of run-length encoded "
               "defects")

@@ -24,6 +24,7 @@ import numpy as np
 
 from curate.imaging.io import encode_png
 from curate.imaging.masks import rle_encode
+from curate.sources import CATALOG
 
 
 @dataclass
@@ -471,21 +472,11 @@ def write_mvtec(root: str | Path, *, seed: int = 0, train: int = 3, test_good: i
 
 # --------------------------------------------------------------------------- all of them
 #: Source kind -> the folder name the source is distributed under.
-FOLDERS = {
-    "kolektorsdd": "KolektorSDD",
-    "kolektorsdd2": "KolektorSDD2",
-    "mtd": "Magnetic-tile-defect-datasets.",
-    "severstal": "severstal-steel-defect-detection",
-    "casting": "casting",
-    "mvtec": "mvtec",
-}
-
-
 def write_all(root: str | Path, seed: int = 0) -> dict[str, Path]:
-    """One small dataset per source kind under ``root/<distributed folder name>`` (casting
-    in VOC form); returns kind -> folder."""
+    """One small dataset per source kind under ``root/<distributed folder name>`` (the first
+    of the catalog's folder names; casting in VOC form); returns kind -> folder."""
     root = Path(root)
     writers: dict[str, Callable[..., Fixture]] = {"kolektorsdd": write_kolektorsdd, "kolektorsdd2": write_kolektorsdd2,
                "mtd": write_mtd, "severstal": write_severstal, "casting": write_casting,
                "mvtec": write_mvtec}
-    return {kind: write(root / FOLDERS[kind], seed=seed).root for kind, write in writers.items()}
+    return {kind: write(root / CATALOG[kind].folder_names[0], seed=seed).root for kind, write in writers.items()}
