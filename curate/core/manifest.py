@@ -2,8 +2,11 @@
 
 A manifest is one Parquet file: a table with one row per sample and a JSON header stored in the
 file's metadata. Its id is a hash of its canonical content (header fields that describe content,
-plus every row in canonical order), so the same inputs give the same id on any machine and with
-any number of jobs. Nothing volatile (creation time, elapsed time, absolute paths of the source
+plus the digest of every column, rows in canonical order: :mod:`curate.core.columns`), so the
+same inputs give the same id on any machine and with any number of jobs. Hashing by column lets
+:meth:`Manifest.derive_columns` derive a version in which some columns changed without touching
+the rows: only those columns are converted, validated and hashed (format 2; format-1 manifests,
+hashed row by row, are still read and checked). Nothing volatile (creation time, elapsed time, absolute paths of the source
 folders) is stored in the file: those go to a small run record beside it (see
 ``curate.engine.workspace``), which keeps the Parquet bytes identical between identical runs.
 
@@ -18,20 +21,24 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.core.canonical import canonical_json, canonicalize, dumps_canonical, sha256_hex
+from curate.core.columns import column_digest
 from curate.core.errors import ManifestError, stable_text
 from curate.core.failure import writing
-from curate.core.schemas import validate_header, validate_rows
+from curate.core.schemas import validate_column, validate_header, validate_rows
 
-FORMAT = "curate-manifest/1"
+FORMAT = "curate-manifest/2"
+#: Manifests of format 1 (ids hashed row by row as canonical JSON) are still read and checked.
+FORMAT_1 = "curate-manifest/1"
 HEADER_KEY = b"curate.header"
 ID_LENGTH = 24  # hex digits of sha256 kept as the id: 96 bits, no realistic collision
 
@@ -164,6 +171,9 @@ class Manifest:
     header: dict[str, Any]
     table: pa.Table
     roots: dict[str, str]
+    #: Column name -> :func:`~curate.core.columns.column_digest` of this table's column, kept
+    #: so that a derived manifest rehashes only the columns it changed.
+    _digests: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     # ----------------------------------------------------------------- building
     @classmethod
@@ -200,9 +210,10 @@ class Manifest:
             "inventory": canonicalize(inventory or {}),
             "counts": _counts(stored),
         }
-        header["id"] = _content_id(header, stored)
+        manifest = cls(header=header, table=table, roots=dict(roots or {}))
+        header["id"] = _content_id(header, manifest.column_digests())
         validate_header(header)
-        return cls(header=header, table=table, roots=dict(roots or {}))
+        return manifest
 
     def derive(
         self,
@@ -219,6 +230,66 @@ class Manifest:
             parents=[self.id], sources=self.header["sources"],
             inventory=self.header["inventory"], seed=seed, roots=self.roots,
         )
+
+    def derive_columns(
+        self,
+        columns: Mapping[str, Sequence[Any] | pa.Array | pa.ChunkedArray],
+        *,
+        stage: str,
+        stage_version: str,
+        params: dict[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> Manifest:
+        """A child manifest in which ``columns`` (name -> one value per row, in this manifest's
+        row order) replace this manifest's; the same manifest :meth:`derive` makes from rows
+        with those values, without going through rows.
+
+        Only the changed columns are converted, validated (against their part of
+        ``schemas/sample.schema.json``) and hashed. ``sample_id``, ``source`` and ``path``
+        identify and order the rows and cannot change this way. JSON columns (annotation,
+        artifacts, measures) take Python values; the others Python values or Arrow arrays.
+        """
+        table = self.table
+        fixed = {"sample_id", "source", "path"} & set(columns)
+        if fixed:
+            raise ManifestError(f"derive_columns cannot change {', '.join(sorted(fixed))}: "
+                                "they identify and order the rows (derive from rows instead)")
+        unknown = set(columns) - set(COLUMNS)
+        if unknown:
+            raise ManifestError(f"unknown manifest columns: {sorted(unknown)}")
+        digests = dict(self._digests)
+        for name in sorted(columns, key=list(COLUMNS).index):
+            array = _column_array(name, columns[name], table.num_rows)
+            table = table.set_column(table.schema.get_field_index(name), ARROW_SCHEMA.field(name),
+                                     array)
+            digests.pop(name, None)
+        if {"status", "reasons"} & set(columns):
+            _check_drop_reasons(table)
+        counted = {"status", "reasons", "flags", "category", "label"}
+        counts = (_counts(table.select(sorted(counted)).to_pylist())
+                  if counted & set(columns) else self.header["counts"])
+        header: dict[str, Any] = {
+            "format": FORMAT,
+            "id": "",
+            "parents": [self.id],
+            "stage": {"name": stage, "version": stage_version,
+                      "params": canonicalize(params or {})},
+            "seed": seed,
+            "sources": self.header["sources"],
+            "inventory": self.header["inventory"],
+            "counts": counts,
+        }
+        child = Manifest(header=header, table=table, roots=dict(self.roots), _digests=digests)
+        header["id"] = _content_id(header, child.column_digests())
+        validate_header(header)
+        return child
+
+    def column_digests(self) -> dict[str, bytes]:
+        """Every column's digest, computed once per manifest in memory."""
+        for name in COLUMNS:
+            if name not in self._digests:
+                self._digests[name] = column_digest(self.table.column(name))
+        return self._digests
 
     # ----------------------------------------------------------------- reading
     @property
@@ -277,7 +348,7 @@ class Manifest:
                                 f"({stable_text(exc)})") from exc
         if not isinstance(header, dict):
             raise ManifestError(f"{path}: the curate header is not a JSON object")
-        if header.get("format") != FORMAT:
+        if header.get("format") not in (FORMAT, FORMAT_1):
             raise ManifestError(f"{path}: manifest format {header.get('format')!r}, "
                                 f"expected {FORMAT!r}")
         table = table.replace_schema_metadata(None)
@@ -288,9 +359,12 @@ class Manifest:
 
     # ----------------------------------------------------------------- integrity
     def recompute_id(self) -> str:
-        """The id this manifest's content hashes to now (differs from ``id`` if edited)."""
-        stored = [dict(r) for r in self.table.to_pylist()]
-        return _content_id(self.header, stored)
+        """The id this manifest's content hashes to now (differs from ``id`` if edited): from
+        the table as it is, never from digests kept in memory."""
+        if self.header.get("format") == FORMAT_1:
+            return _content_id_1(self.header, self.table.to_pylist())
+        return _content_id(self.header, {name: column_digest(self.table.column(name))
+                                         for name in COLUMNS})
 
     def check(self) -> list[str]:
         """Problems with this manifest's integrity: schema, counts, order, id. Empty if sound."""
@@ -308,15 +382,27 @@ class Manifest:
             problems.append("rows are not in canonical (source, path) order")
         if self.header.get("counts") != _counts(stored):
             problems.append("header counts do not match the rows")
-        actual = _content_id(self.header, stored)
+        actual = self.recompute_id()
         if actual != self.id:
             problems.append(f"content hashes to {actual}, but the header says {self.id}: "
                             "the manifest was changed after it was written")
         return problems
 
 
-def _content_id(header: dict[str, Any], stored_rows: list[dict[str, Any]]) -> str:
-    """Hash of what the manifest says, leaving out the id itself and the derived counts."""
+def _content_id(header: dict[str, Any], digests: Mapping[str, bytes]) -> str:
+    """Hash of what the manifest says, leaving out the id itself and the derived counts: the
+    header, then each column's digest in canonical column order."""
+    h = hashlib.sha256()
+    hashed = {k: v for k, v in header.items() if k not in ("id", "counts")}
+    h.update(canonical_json(hashed).encode("utf-8"))
+    for name in COLUMNS:
+        h.update(f"\n{name}\n".encode())
+        h.update(digests[name])
+    return h.hexdigest()[:ID_LENGTH]
+
+
+def _content_id_1(header: dict[str, Any], stored_rows: list[dict[str, Any]]) -> str:
+    """The id of a format-1 manifest: the header, then every row's canonical JSON."""
     h = hashlib.sha256()
     hashed = {k: v for k, v in header.items() if k not in ("id", "counts")}
     h.update(canonical_json(hashed).encode("utf-8"))
@@ -325,6 +411,41 @@ def _content_id(header: dict[str, Any], stored_rows: list[dict[str, Any]]) -> st
         # Stored rows are canonical already (written so, or checked by the schema on read).
         h.update(dumps_canonical([row[c] for c in COLUMNS]).encode("utf-8"))
     return h.hexdigest()[:ID_LENGTH]
+
+
+def _column_array(name: str, values: Any, num_rows: int) -> pa.Array:
+    """``values`` as column ``name`` of the manifest schema, canonical and validated."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if name in JSON_COLUMNS:
+        if isinstance(values, pa.Array):
+            raise ManifestError(f"column {name} takes Python values (it is stored as JSON)")
+        canon = [canonicalize(v) for v in values]
+        validate_column(name, canon)
+        array = pa.array([dumps_canonical(v) for v in canon], type=pa.string())
+    else:
+        if isinstance(values, pa.Array):
+            if values.type != COLUMNS[name]:
+                raise ManifestError(f"column {name} is {COLUMNS[name]}, got {values.type}")
+            array = values
+        else:
+            array = pa.array([canonicalize(v) for v in values], type=COLUMNS[name])
+        validate_column(name, array.to_pylist())
+    if len(array) != num_rows:
+        raise ManifestError(f"column {name} has {len(array)} values for {num_rows} rows")
+    return array
+
+
+def _check_drop_reasons(table: pa.Table) -> None:
+    """The schema's rule across two columns: a dropped row has reasons, a kept row none."""
+    dropped = pc.equal(table.column("status"), DROPPED)
+    has_reasons = pc.greater(pc.list_value_length(table.column("reasons")), 0)
+    bad = pc.not_equal(dropped, has_reasons)
+    if pc.any(bad).as_py():
+        index = pc.index(bad, True).as_py()
+        row = table.slice(index, 1).to_pylist()[0]
+        raise ManifestError(f"sample {row['source']}:{row['path']}: a dropped sample needs "
+                            "reasons and a kept one has none")
 
 
 def _counts(stored_rows: list[dict[str, Any]]) -> dict[str, Any]:

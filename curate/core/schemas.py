@@ -54,6 +54,29 @@ def validate_rows(rows: Iterable[dict[str, Any]]) -> None:
                                 f"schemas/sample.schema.json: {problem}")
 
 
+@cache
+def _column_validator(column: str) -> Callable[[Any], Any]:
+    """The sample schema's rule for one column (with the definitions it refers to)."""
+    sample = load_schema("sample")
+    # Under the sample schema's own $id: its "#/definitions/..." references resolve in this
+    # document (fastjsonschema would otherwise try to fetch them).
+    return fastjsonschema.compile({"$schema": sample["$schema"], "$id": sample["$id"],
+                                   "definitions": sample["definitions"],
+                                   **sample["properties"][column]})
+
+
+def validate_column(column: str, values: Iterable[Any]) -> None:
+    """Every value of one column against its part of ``schemas/sample.schema.json`` (the
+    schema's rule across columns, dropped rows and their reasons, is checked by the caller)."""
+    check = _column_validator(column)
+    for index, value in enumerate(values):
+        try:
+            check(value)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise ManifestError(f"row {index}: column {column} fails "
+                                f"schemas/sample.schema.json: {exc.message}") from None
+
+
 def validate_recipe(recipe: Any, origin: str) -> None:
     problem = _problem("recipe", recipe)
     if problem:
