@@ -12,7 +12,7 @@ import numpy as np
 
 from curate.core.files import sha256_file, walk_files
 from curate.core.manifest import Manifest, new_row
-from curate.engine.runner import Context, Stage, map_samples, run_stage
+from curate.engine.runner import Context, Stage, map_updates, run_stage
 from curate.stages.ingest import Ingest, IngestParams
 from curate.stages.labels import Labels, LabelsParams
 from curate.testing.fixtures import Fixture
@@ -139,7 +139,7 @@ class CrashOnce(Stage):
 
     def run(self, inputs, params, ctx):
         (m,) = inputs
-        return self.output(m, map_samples(self, m, params, ctx, crash_once), params, ctx)
+        return self.output_updates(m, map_updates(self, m, params, ctx, crash_once), params, ctx)
 
 
 def synthetic(n=40) -> Manifest:

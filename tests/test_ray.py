@@ -30,7 +30,7 @@ from helpers import (  # noqa: E402
 
 from curate.core.errors import CurateError  # noqa: E402
 from curate.core.manifest import drop  # noqa: E402
-from curate.engine.runner import Context, Stage, map_samples, run_stage  # noqa: E402
+from curate.engine.runner import Context, Stage, map_updates, run_stage  # noqa: E402
 from curate.engine.workspace import Workspace  # noqa: E402
 from curate.stages.dedup import Dedup, DedupParams  # noqa: E402
 from curate.stages.label_filter import LabelFilter, LabelFilterParams  # noqa: E402
@@ -215,7 +215,7 @@ class GpuProbe(Stage):
 
     def run(self, inputs, params, ctx):
         (m,) = inputs
-        return self.output(m, map_samples(self, m, params, ctx, gpus_seen), params, ctx)
+        return self.output_updates(m, map_updates(self, m, params, ctx, gpus_seen), params, ctx)
 
 
 def test_a_gpu_stage_runs_its_samples_on_gpu_tasks(ray_runtime, tmp_path):

@@ -21,7 +21,7 @@ from curate.engine.runner import (
     Stage,
     apply_update,
     make_params,
-    map_samples,
+    map_updates,
     recorded_file,
     run_stage,
 )
@@ -60,7 +60,7 @@ class Noise(Stage[NoiseParams]):
     def run(self, inputs, params, ctx):
         Noise.calls += 1
         (m,) = inputs
-        return self.output(m, map_samples(self, m, params, ctx, noisy), params, ctx)
+        return self.output_updates(m, map_updates(self, m, params, ctx, noisy), params, ctx)
 
 
 def run(ws, jobs, seed=0, **params):

@@ -312,6 +312,11 @@ class Manifest:
     def row_list(self) -> list[dict[str, Any]]:
         return list(self.rows())
 
+    def column_values(self, name: str) -> list[Any]:
+        """One column as Python values in row order (JSON columns parsed)."""
+        values = self.table.column(name).to_pylist()
+        return [json.loads(v) for v in values] if name in JSON_COLUMNS else values
+
     def to_pandas(self):
         """The table as a pandas DataFrame (JSON columns left as strings)."""
         return self.table.to_pandas()

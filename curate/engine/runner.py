@@ -28,7 +28,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,6 +102,24 @@ def apply_update(row: dict[str, Any], update: Update, stage: str) -> dict[str, A
             raise ValueError(f"stage {stage!r} returned an update for {key!r}, "
                              "which a stage may not set")
     return row
+
+
+def column_updates(parent: Manifest, updates: Iterable[tuple[int, Update]], stage: str
+                   ) -> dict[str, list[Any]]:
+    """The columns of ``parent`` that ``updates`` (row index, update) touch, with the updates
+    applied by :func:`apply_update` (so with the same meaning); untouched columns are not read."""
+    updates = list(updates)
+    touched: set[str] = set()
+    for _, update in updates:
+        for key in update:
+            touched |= {"status", "reasons"} if key == "drop" else {key}
+    columns = {name: parent.column_values(name) for name in COLUMNS if name in touched}
+    for index, update in updates:
+        changed = apply_update({name: values[index] for name, values in columns.items()},
+                               update, stage)
+        for name, values in columns.items():
+            values[index] = changed[name]
+    return columns
 
 
 # --------------------------------------------------------------------------- context
@@ -312,6 +330,16 @@ class Stage(abc.ABC, Generic[P]):
                              params=self.recorded_params(params),
                              seed=ctx.seed if self.uses_seed else None)
 
+    def output_updates(self, parent: Manifest, updates: Iterable[tuple[int, Update]],
+                       params: P, ctx: Context) -> Manifest:
+        """The child of ``parent`` with ``updates`` (row index, update; applied in order)
+        applied: what :meth:`output` gives for the updated rows, with only the columns the
+        updates touch converted, validated and hashed (:meth:`Manifest.derive_columns`)."""
+        return parent.derive_columns(column_updates(parent, updates, self.name),
+                                     stage=self.name, stage_version=self.version,
+                                     params=self.recorded_params(params),
+                                     seed=ctx.seed if self.uses_seed else None)
+
     def cache_key(self, inputs: list[Manifest], params: P, ctx: Context) -> str | None:
         """Key of this stage's output in the cache; None means "always run"."""
         return content_hash({
@@ -375,7 +403,7 @@ def map_kept(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
 
     For stages that judge a sample against the others (a category's distribution, clusters of
     duplicates) after measuring each one; stages that only update samples use
-    :func:`map_samples`. ``params`` is what ``fn`` gets as ``env.params``: the stage's
+    :func:`map_updates`. ``params`` is what ``fn`` gets as ``env.params``: the stage's
     parameters, or anything picklable built from them.
     """
     rows = manifest.row_list()
@@ -389,14 +417,13 @@ def map_kept(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
                                    num_gpus=stage.gpus(params))
 
 
-def map_samples(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
+def map_updates(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
                 fn: Callable[[dict, SampleEnv], Update], *, desc: str | None = None
-                ) -> list[dict[str, Any]]:
-    """Rows of ``manifest`` with ``fn`` applied to every kept row (dropped rows pass through)."""
-    rows, kept_idx, updates = map_kept(stage, manifest, params, ctx, fn, desc=desc)
-    for i, update in zip(kept_idx, updates, strict=True):
-        rows[i] = apply_update(rows[i], update, stage.name)
-    return rows
+                ) -> list[tuple[int, Update]]:
+    """``fn``'s update of every kept row, as (row index, update) for
+    :meth:`Stage.output_updates` (dropped rows pass through)."""
+    _, kept_idx, updates = map_kept(stage, manifest, params, ctx, fn, desc=desc)
+    return list(zip(kept_idx, updates, strict=True))
 
 
 @dataclass

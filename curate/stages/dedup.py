@@ -57,7 +57,7 @@ from scipy.sparse.csgraph import connected_components
 
 from curate.core.manifest import Manifest
 from curate.core.measures import DEDUP_CLUSTER, DEDUP_HASH, DEDUP_SHARPNESS
-from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
+from curate.engine.runner import Context, SampleEnv, Stage, map_kept
 from curate.engine.store import pixel_digest
 from curate.imaging import phash
 from curate.imaging.hamming import pairs_within, pairs_within_queries
@@ -211,6 +211,7 @@ class Dedup(Stage[DedupParams]):
     def run(self, inputs: list[Manifest], params: DedupParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
         rows, kept, results = map_kept(self, manifest, params, ctx, hash_sample, desc="dedup: hashing")
+        changes: list[tuple[int, dict[str, Any]]] = []  # (row index, update)
         members: list[int] = []  # row index of each hashed sample
         infos: list[dict[str, Any]] = []
         for i, res in zip(kept, results, strict=True):
@@ -218,7 +219,7 @@ class Dedup(Stage[DedupParams]):
                 members.append(i)
                 infos.append(res)
             else:  # could not be decoded: dropped with the reason the runner gave
-                rows[i] = apply_update(rows[i], res, self.name)
+                changes.append((i, res))
         hashes = np.array([info["hashes"] for info in infos], np.uint64).reshape(
             len(infos), len(phash.transform_names(params.transforms)))
         near = near_edges(hashes, params.group_radius)
@@ -230,9 +231,8 @@ class Dedup(Stage[DedupParams]):
                           "dedup: pixel identity")
         pixels = {k: res["pixels"] for k, res in zip(candidates, digests, strict=True)
                   if "pixels" in res}
-        for i, update in resolve(rows, members, infos, hashes, near, pixels, params).items():
-            rows[i] = apply_update(rows[i], update, self.name)
-        return self.output(manifest, rows, params, ctx)
+        changes += resolve(rows, members, infos, hashes, near, pixels, params).items()
+        return self.output_updates(manifest, changes, params, ctx)
 
 
 def pixel_candidates(rows, members, infos, near: Edges, max_distance: int = 4,

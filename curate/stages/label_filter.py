@@ -34,7 +34,7 @@ from PIL import Image
 
 from curate.core.manifest import GOOD, Manifest
 from curate.core.measures import LABEL_FILTER_MASK_PIXELS, LABEL_FILTER_TRAIN_PIXELS
-from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
+from curate.engine.runner import Context, SampleEnv, Stage, map_kept
 from curate.stages.quality import robust_z
 
 RULES = ("defect_without_mask", "mask_vanishes", "mask_too_small", "good_with_mask",
@@ -130,6 +130,7 @@ class LabelFilter(Stage[LabelFilterParams]):
         (manifest,) = inputs
         rows, kept, results = map_kept(self, manifest, params, ctx, inspect_sample, desc="label filter")
         self._robust_oversize(rows, kept, results, params)
+        changes = []
         for i, res in zip(kept, results, strict=True):
             update: dict[str, Any] = {"measures": res.get("measures", {})}
             for rule, detail in res.get("findings", []):
@@ -137,8 +138,8 @@ class LabelFilter(Stage[LabelFilterParams]):
                 update.setdefault(key, []).append((rule, detail))
             if "drop" in res:  # the sample's mask could not be read
                 update.setdefault("drop", []).extend(res["drop"])
-            rows[i] = apply_update(rows[i], update, self.name)
-        return self.output(manifest, rows, params, ctx)
+            changes.append((i, update))
+        return self.output_updates(manifest, changes, params, ctx)
 
     @staticmethod
     def _robust_oversize(rows, kept, results, params: LabelFilterParams) -> None:

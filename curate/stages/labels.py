@@ -27,7 +27,7 @@ import numpy as np
 
 from curate.core.manifest import GOOD, Manifest
 from curate.core.measures import LABELS_GREY_PIXELS, LABELS_MASK_FRACTION, LABELS_THRESHOLD
-from curate.engine.runner import Context, SampleEnv, Stage, Update, map_samples
+from curate.engine.runner import Context, SampleEnv, Stage, Update, map_updates
 from curate.imaging.masks import (
     AnnotationError,
     box_mask,
@@ -125,5 +125,5 @@ class Labels(Stage[LabelsParams]):
 
     def run(self, inputs: list[Manifest], params: LabelsParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        return self.output(manifest, map_samples(self, manifest, params, ctx, rasterize_sample),
-                           params, ctx)
+        updates = map_updates(self, manifest, params, ctx, rasterize_sample)
+        return self.output_updates(manifest, updates, params, ctx)

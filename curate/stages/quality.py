@@ -39,7 +39,7 @@ from curate.core.measures import (
     QUALITY_DARK_FRACTION,
     QUALITY_SHARPNESS,
 )
-from curate.engine.runner import Context, SampleEnv, Stage, apply_update, map_kept
+from curate.engine.runner import Context, SampleEnv, Stage, map_kept
 from curate.imaging.io import decode
 from curate.imaging.stats import exposure, sharpness
 
@@ -134,6 +134,4 @@ class Quality(Stage[QualityParams]):
                     update.setdefault("drop", []).append(("blurry", (
                         f"{rows[kept[k]]['path']}: sharpness {value:.3g} is {abs(z):.1f} robust "
                         f"deviations below its category's median (limit {params.blur_z:g})")))
-        for i, update in zip(kept, updates, strict=True):
-            rows[i] = apply_update(rows[i], update, self.name)
-        return self.output(manifest, rows, params, ctx)
+        return self.output_updates(manifest, zip(kept, updates, strict=True), params, ctx)

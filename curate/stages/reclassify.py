@@ -51,7 +51,7 @@ from curate.engine.runner import (
     Context,
     SampleEnv,
     Stage,
-    map_samples,
+    map_updates,
     params_dict,
     recorded_file,
 )
@@ -190,5 +190,5 @@ class Reclassify(Stage[ReclassifyParams]):
         if stray:
             raise CurateError(f"{params.overrides}: no {params.category} sample with id "
                               f"{', '.join(stray[:5])} in manifest {manifest.id}")
-        rows = map_samples(self, manifest, _Job(params, overrides), ctx, reclassify_sample)
-        return self.output(manifest, rows, params, ctx)
+        updates = map_updates(self, manifest, _Job(params, overrides), ctx, reclassify_sample)
+        return self.output_updates(manifest, updates, params, ctx)

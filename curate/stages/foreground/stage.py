@@ -35,7 +35,7 @@ from curate.engine.runner import (
     Context,
     SampleEnv,
     Stage,
-    map_samples,
+    map_updates,
     params_dict,
     recorded_file,
 )
@@ -155,8 +155,8 @@ class Foreground(Stage[ForegroundParams]):
         (manifest,) = inputs
         if params.backend == "isnet":  # before any work: in a worker it would drop every sample
             require("curate.stages.foreground.isnet", "the isnet foreground backend")
-        rows = map_samples(self, manifest, params, ctx, foreground_sample)
-        return self.output(manifest, rows, params, ctx)
+        updates = map_updates(self, manifest, params, ctx, foreground_sample)
+        return self.output_updates(manifest, updates, params, ctx)
 
     def recorded_params(self, params: ForegroundParams) -> dict[str, Any]:
         recorded = params_dict(params)
