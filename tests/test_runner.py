@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from curate.core.errors import CurateError, UnsafePathError
@@ -245,3 +247,39 @@ def test_context_executor_kind_and_missing_workspace():
             ctx.workspace  # noqa: B018 - the property is what is tested
     with Context(None, jobs=2, progress=False) as ctx:
         assert ctx.executor == "process" and ctx.in_process
+
+
+# What a per-sample function may return, drawn: the merge keys and plain columns together.
+_UPDATES = st.fixed_dictionaries({}, optional={
+    "measures": st.dictionaries(st.sampled_from(["noise.a", "noise.b"]),
+                                st.one_of(st.none(), st.floats(-9, 9), st.integers(-3, 3))),
+    "artifacts": st.dictionaries(st.sampled_from(["m", "f"]),
+                                 st.integers(0, 9).map(lambda k: f"{k:064x}.png")),
+    "flags": st.lists(st.tuples(st.sampled_from(["odd", "dim"]), st.text(max_size=3)),
+                      max_size=2),
+    "drop": st.lists(st.tuples(st.sampled_from(["blurry", "small"]), st.text(max_size=3)),
+                     min_size=1, max_size=2),
+    "split": st.sampled_from(["train", "test", None]),
+    "label": st.sampled_from(["good", "crack"]),
+})
+
+
+@settings(max_examples=40, deadline=None)
+@given(changes=st.lists(st.tuples(st.integers(0, 11), _UPDATES), max_size=20))
+def test_output_updates_is_output_of_the_updated_rows(changes):
+    """Deriving from (row, update) pairs by column gives what applying them to rows gives,
+    repeated rows and every merge key included."""
+    parent = seed_manifest()
+    rows = parent.row_list()
+    for index, update in changes:
+        rows[index] = apply_update(rows[index], update, "noise")
+    with Context(None, progress=False) as ctx:
+        by_rows = Noise().output(parent, rows, NoiseParams(), ctx)
+        by_columns = Noise().output_updates(parent, changes, NoiseParams(), ctx)
+    assert by_columns.id == by_rows.id and by_columns.header == by_rows.header
+    assert by_columns.table.equals(by_rows.table)
+
+
+def test_output_updates_refuses_what_a_stage_may_not_set():
+    with Context(None, progress=False) as ctx, pytest.raises(ValueError, match="may not set"):
+        Noise().output_updates(seed_manifest(), [(0, {"path": "x.png"})], NoiseParams(), ctx)
