@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curate.core.manifest import GOOD, KEPT, Manifest
-from curate.engine.runner import Context, Stage, apply_update
+from curate.engine.runner import Context, Stage
 
 HARD_NORMAL = "hard_normal"
 
@@ -98,10 +98,11 @@ class Split(Stage[SplitParams]):
 
     def run(self, inputs: list[Manifest], params: SplitParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows = manifest.row_list()
-        for i, (split, flags) in assign(rows, params.test_fraction, ctx.seed).items():
+        changes = []
+        for i, (split, flags) in assign(manifest.row_list(), params.test_fraction,
+                                        ctx.seed).items():
             update: dict[str, Any] = {"split": split}
             if flags:
                 update["flags"] = flags
-            rows[i] = apply_update(rows[i], update, self.name)
-        return self.output(manifest, rows, params, ctx)
+            changes.append((i, update))
+        return self.output_updates(manifest, changes, params, ctx)

@@ -40,7 +40,6 @@ from curate.engine.runner import (
     Context,
     SampleEnv,
     Stage,
-    apply_update,
     params_dict,
     recorded_file,
 )
@@ -93,6 +92,7 @@ class SSFilter(Stage[SSFilterParams]):
     def run(self, inputs: list[Manifest], params: SSFilterParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
         rows = manifest.row_list()
+        changes: list[tuple[int, dict[str, Any]]] = []  # (row index, update)
         env = ctx.env(self.name, params, manifest.roots, seed=True)
         by_category: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
@@ -118,10 +118,9 @@ class SSFilter(Stage[SSFilterParams]):
             for done, (category, result) in enumerate(zip(categories, results, strict=True)):
                 members = by_category[category]
                 updates = _updates(result, [rows[i] for i in members], params)
-                for i, update in zip(members, updates, strict=True):
-                    rows[i] = apply_update(rows[i], update, self.name)
+                changes += zip(members, updates, strict=True)
                 bar.update(description="ssfilter", completed=done + 1, total=len(categories))
-        return self.output(manifest, rows, params, ctx)
+        return self.output_updates(manifest, changes, params, ctx)
 
 
 @dataclass(frozen=True)
