@@ -17,11 +17,13 @@ A stage never deletes a row: dropping is ``status = "dropped"`` with entries in 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,21 @@ def manifest_row(stored: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while many small row dicts are made (a context
+    manager, or a decorator when called): they hold no cycles, and each collection would walk
+    all of them (at 1M rows it doubles the cost of ``row_list()``). Reference counting still
+    frees everything; the previous state comes back after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _sort_key(row: dict[str, Any]) -> tuple[str, str]:
     return (row["source"], row["path"])
 
@@ -177,6 +194,7 @@ class Manifest:
 
     # ----------------------------------------------------------------- building
     @classmethod
+    @_gc_paused()
     def build(
         cls,
         rows: Iterable[dict[str, Any]],
@@ -309,9 +327,11 @@ class Manifest:
             for stored in batch.to_pylist():
                 yield manifest_row(stored)
 
+    @_gc_paused()
     def row_list(self) -> list[dict[str, Any]]:
         return list(self.rows())
 
+    @_gc_paused()
     def column_values(self, name: str) -> list[Any]:
         """One column as Python values in row order (JSON columns parsed)."""
         values = self.table.column(name).to_pylist()
@@ -371,6 +391,7 @@ class Manifest:
         return _content_id(self.header, {name: column_digest(self.table.column(name))
                                          for name in COLUMNS})
 
+    @_gc_paused()
     def check(self) -> list[str]:
         """Problems with this manifest's integrity: schema, counts, order, id. Empty if sound."""
         problems: list[str] = []
