@@ -1,14 +1,30 @@
-"""Peak-memory and timing helpers shared by the detector benchmarks."""
+"""Peak-memory and timing helpers shared by the benchmarks (torch only for CUDA devices)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+
+def vm_status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux; ignored where not allowed)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def sync(device):
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize()
 
 
@@ -18,29 +34,23 @@ class Peak:
     def __init__(self, device):
         self.device, self.value = device, float("nan")
 
-    @staticmethod
-    def _status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
     def __enter__(self):
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.base = self._status("VmRSS")
+            reset_peak()
+            self.base = vm_status("VmRSS")
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize()
             self.value = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.value = self._status("VmHWM") - self.base
+            self.value = vm_status("VmHWM") - self.base

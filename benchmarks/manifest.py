@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _memory import reset_peak, vm_status  # benchmarks/ is on sys.path when run
+
 SOURCES = (  # name, share of rows, category
     ("mtd", 0.40, "Magnetic-tile-defect"),
     ("kolektorsdd", 0.25, "KolektorSDD"),
@@ -132,27 +134,17 @@ def split_values(m) -> list[str | None]:
 
 
 class Peak:
-    """VmHWM over a block, reset through /proc/self/clear_refs first (like _memory.Peak)."""
+    """VmHWM over a block (reset first, as _memory.Peak does), and the process's largest."""
 
     process = 0  # largest VmHWM seen over the whole process
 
-    @staticmethod
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
-
     def __enter__(self):
-        Peak.process = max(Peak.process, self.status("VmHWM"))
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
+        Peak.process = max(Peak.process, vm_status("VmHWM"))
+        reset_peak()
         return self
 
     def __exit__(self, *exc):
-        self.value = self.status("VmHWM")
+        self.value = vm_status("VmHWM")
         Peak.process = max(Peak.process, self.value)
 
 
@@ -254,7 +246,7 @@ def run_one(n: int, repeats: int, scratch: str | None) -> dict[str, Any]:
 
     info["times"] = times
     info["peaks"] = peaks
-    info["process_peak"] = max(Peak.process, Peak.status("VmHWM"))
+    info["process_peak"] = max(Peak.process, vm_status("VmHWM"))
     return info
 
 
