@@ -68,11 +68,15 @@ def workspace_with_head(tmp_path, mtd_root) -> Workspace:
 
 
 def _state(ws: Workspace) -> dict[str, str]:
-    """Every file of the workspace (but the lock) with its content's size and bytes' hash."""
+    """Every file of the workspace (but the lock and the facts) with its bytes' hash. Facts
+    (curate.engine.facts) are kept by content, as pure functions of an image's bytes: those a
+    failed stage computed change no manifest, HEAD or cache entry, and spare its rerun the
+    decoding."""
     import hashlib
 
     return {str(p.relative_to(ws.root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(ws.root.rglob("*")) if p.is_file() and p.name != "lock"}
+            for p in sorted(ws.root.rglob("*")) if p.is_file() and p.name != "lock"
+            and p.relative_to(ws.root).parts[0] != "facts"}
 
 
 # ----------------------------------------------------------------------------- item 10

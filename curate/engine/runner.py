@@ -43,6 +43,7 @@ from curate.core.files import sha256_file
 from curate.core.lock import WorkspaceLock
 from curate.core.manifest import COLUMNS, KEPT, Manifest, drop, note
 from curate.engine.executors import ProcessPool, RayRuntime, map_inline
+from curate.engine.facts import Extractor
 from curate.engine.progress import ProgressBar
 from curate.engine.store import Store
 from curate.engine.workspace import Workspace, source_file
@@ -170,6 +171,12 @@ class Context:
         # missing Ray fails now, with a clear message, rather than mid-build.
         self._ray = RayRuntime(ray_address) if executor == "ray" else None
         self._lock: WorkspaceLock | None = None
+        #: Work done, by kind, for reports and tests: ``decoded`` counts the images decoded by
+        #: looks (:func:`curate.engine.facts.look`).
+        self.counts: Counter[str] = Counter()
+        #: Extractors whose facts a look computes too for any image it decodes anyway: set by
+        #: a build from its later stages (:meth:`Stage.facts`) and exports.
+        self.prefetch: list[Extractor] = []
 
     @property
     def workspace(self) -> Workspace:
@@ -340,6 +347,11 @@ class Stage(abc.ABC, Generic[P]):
                                      params=self.recorded_params(params),
                                      seed=ctx.seed if self.uses_seed else None)
 
+    def facts(self, params: P) -> list[Extractor]:
+        """The per-image facts this stage reads (:mod:`curate.engine.facts`): a build asks an
+        earlier look to compute them from the same decode."""
+        return []
+
     def cache_key(self, inputs: list[Manifest], params: P, ctx: Context) -> str | None:
         """Key of this stage's output in the cache; None means "always run"."""
         return content_hash({
@@ -415,6 +427,17 @@ def map_kept(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,
         return rows, kept_idx, streamed
     return rows, kept_idx, ctx.map(fn, [rows[i] for i in kept_idx], env, desc or stage.name,
                                    num_gpus=stage.gpus(params))
+
+
+def kept_rows(manifest: Manifest, columns: Sequence[str]
+              ) -> tuple[list[int], list[dict[str, Any]]]:
+    """The kept rows of ``manifest`` with only ``columns`` (dicts), and their positions: for
+    stages that decide over a few columns and facts (:mod:`curate.engine.facts`), which need
+    not build whole rows."""
+    status = manifest.column_values("status")
+    positions = [i for i, s in enumerate(status) if s == KEPT]
+    values = {name: manifest.column_values(name) for name in columns}
+    return positions, [{name: values[name][i] for name in columns} for i in positions]
 
 
 def map_updates(stage: Stage[Any], manifest: Manifest, params: Any, ctx: Context,

@@ -9,6 +9,7 @@
                               jobs, source folders
       store/ab/<sha256>.png   content-addressed artifacts (see curate.engine.store)
       cache/<key>             stage cache: (input ids, stage, version, params, seed) -> output id
+      facts/<extractor>/      per-image facts by content (see curate.engine.facts)
 
 HEAD moves last: a manifest, its run record and its cache entry are written first, so a save
 that fails half way (a full disk) leaves HEAD where it was and removes what it had written.
@@ -42,6 +43,7 @@ from curate.core.errors import CurateError, ManifestError, stable_text
 from curate.core.files import atomic_write_text, source_file_path
 from curate.core.lock import WorkspaceLock
 from curate.core.manifest import HEADER_KEY, Manifest
+from curate.engine.facts import FactStore
 from curate.engine.store import Store
 
 WORKSPACE_FORMAT = "curate-workspace/1"
@@ -81,6 +83,7 @@ class Workspace:
         self.manifests_dir = root / "manifests"
         self.cache_dir = root / "cache"
         self.store = Store(root / "store")
+        self.facts = FactStore(root / "facts")
         #: "folder" or "contents" when this process created the workspace (the folder itself,
         #: or inside an empty folder): what :meth:`discard_if_unused` removes.
         self.created: str | None = None

@@ -45,23 +45,23 @@ side of train/test. The group id is the sample id of the group's first member.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from curate.core.manifest import Manifest
 from curate.core.measures import DEDUP_CLUSTER, DEDUP_HASH, DEDUP_SHARPNESS
-from curate.engine.runner import Context, SampleEnv, Stage, map_kept
-from curate.engine.store import pixel_digest
+from curate.engine.facts import Extractor, Look, PixelDigest, look
+from curate.engine.runner import Context, Stage, kept_rows
 from curate.imaging import phash
 from curate.imaging.hamming import pairs_within, pairs_within_queries
-from curate.imaging.io import BadImage, decode
+from curate.imaging.io import BadImage, probe
 from curate.imaging.stats import relative_sharpness
 
 
@@ -122,37 +122,51 @@ def reduction(width: int, height: int) -> int:
     return factor
 
 
-def grey_for_hashing(row: dict[str, Any], data: bytes, mode: str) -> np.ndarray:
-    """The grey image the hashes are taken from: Pillow's full decode and grey conversion
-    (exactly what imagehash hashes), or OpenCV's reduced JPEG decode."""
-    if mode == "full":
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("L"))
-    grey = cv2.imdecode(np.frombuffer(data, np.uint8),
-                        _REDUCED[reduction(row["width"], row["height"])])
+def reduced_grey(data: bytes, width: int, height: int) -> np.ndarray:
+    """OpenCV's JPEG decode at 1/2-1/8 scale (``decode="reduced"``), grey."""
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduction(width, height)])
     if grey is None:
         raise BadImage("OpenCV could not decode the image")
     return grey
 
 
-def hash_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
+def grey_for_hashing(row: dict[str, Any], data: bytes, mode: str) -> np.ndarray:
+    """The grey image the hashes are taken from: the full decode converted as Pillow converts
+    (exactly what imagehash hashes), or OpenCV's reduced JPEG decode."""
+    if mode == "full":
+        return Look(data, row, None).grey  # type: ignore[arg-type]  # no store needed
+    return reduced_grey(data, row["width"], row["height"])
+
+
+@dataclass(frozen=True)
+class HashFacts(Extractor):
     """Hashes under every transform, sharpness and an 8x8 thumbnail of one image."""
-    p: DedupParams = env.params
-    grey = grey_for_hashing(row, env.read_source(row), p.decode)
-    image = Image.fromarray(grey)
-    thumb = phash.thumbnail(image)
-    return {
-        "hashes": phash.hashes(image, p.method, p.transforms, thumb=thumb),
-        "sharpness": relative_sharpness(grey),
-        # 8x8 block means of the thumbnail: pixel-identical images have (near) identical ones,
-        # so this picks the few pairs whose full pixels are worth comparing.
-        "thumb": thumb.reshape(8, 4, 8, 4).mean(axis=(1, 3)).round().astype(np.uint8),
-    }
 
+    name = "dedup.hashes"
+    version = "1"
+    fields = (("hashes", pa.list_(pa.uint64())), ("sharpness", pa.float64()),
+              ("thumb", pa.binary(64)))
+    method: str = "phash"
+    transforms: str = "none"
+    decode: str = "full"
 
-def pixels_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Digest of the fully decoded pixels (only for candidates of pixel identity)."""
-    return {"pixels": pixel_digest(decode(env.read_source(row)))}
+    def compute(self, look: Look) -> dict[str, Any]:
+        if self.decode == "full":
+            grey = look.grey
+        else:
+            look.count_decode()
+            info = probe(look.data)
+            grey = reduced_grey(look.data, info.width, info.height)
+        image = Image.fromarray(grey)
+        thumb = phash.thumbnail(image)
+        return {
+            "hashes": phash.hashes(image, self.method, self.transforms, thumb=thumb),
+            "sharpness": relative_sharpness(grey),
+            # 8x8 block means of the thumbnail: pixel-identical images have (near) identical
+            # ones, so this picks the few pairs whose full pixels are worth comparing.
+            "thumb": thumb.reshape(8, 4, 8, 4).mean(axis=(1, 3)).round().astype(np.uint8)
+            .tobytes(),
+        }
 
 
 @dataclass
@@ -203,39 +217,54 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
+#: The row columns dedup decides by.
+COLUMNS = ("sample_id", "source", "path", "sha256", "width", "height", "channels", "label")
+
+
 class Dedup(Stage[DedupParams]):
     name = "dedup"
     version = "1"
     Params = DedupParams
 
+    def facts(self, params: DedupParams) -> list[Extractor]:
+        hashing = HashFacts(params.method, params.transforms, params.decode)
+        # With a full decode the pixel digest costs little more: take it for every image.
+        return [hashing, PixelDigest()] if params.decode == "full" else [hashing]
+
     def run(self, inputs: list[Manifest], params: DedupParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows, kept, results = map_kept(self, manifest, params, ctx, hash_sample, desc="dedup: hashing")
-        changes: list[tuple[int, dict[str, Any]]] = []  # (row index, update)
-        members: list[int] = []  # row index of each hashed sample
-        infos: list[dict[str, Any]] = []
-        for i, res in zip(kept, results, strict=True):
-            if "hashes" in res:
-                members.append(i)
-                infos.append(res)
-            else:  # could not be decoded: dropped with the reason the runner gave
-                changes.append((i, res))
-        hashes = np.array([info["hashes"] for info in infos], np.uint64).reshape(
-            len(infos), len(phash.transform_names(params.transforms)))
+        positions, rows = kept_rows(manifest, COLUMNS)
+        hashing, *_ = wanted = self.facts(params)
+        looked = look(ctx, self.name, rows, manifest.roots, wanted, desc="dedup: hashing")
+        # Undecodable images are dropped with the reason the runner gave.
+        changes: list[tuple[int, dict[str, Any]]] = [
+            (positions[k], update) for k, update in sorted(looked.failed.items())]
+        members = [k for k in range(len(rows)) if k not in looked.failed]
+        shas = [rows[k]["sha256"] for k in members]
+        facts = looked[hashing].take(shas)
+        n_t = len(phash.transform_names(params.transforms))
+        hashes = facts.column("hashes").combine_chunks().flatten().to_numpy(
+            zero_copy_only=False).astype(np.uint64).reshape(len(members), n_t)
+        sharp = facts.column("sharpness").to_numpy(zero_copy_only=False)
+        thumbs = np.frombuffer(b"".join(facts.column("thumb").to_pylist()),
+                               np.uint8).reshape(len(members), 8, 8)
         near = near_edges(hashes, params.group_radius)
-        # Exact duplicates: identical bytes from the manifest; identical pixels verified by a
-        # full decode, but only for pairs that could be (see pixel_candidates).
-        candidates = pixel_candidates(rows, members, infos, near)
-        env = ctx.env(self.name, params, manifest.roots)
-        digests = ctx.map(pixels_sample, [rows[members[k]] for k in candidates], env,
-                          "dedup: pixel identity")
-        pixels = {k: res["pixels"] for k, res in zip(candidates, digests, strict=True)
-                  if "pixels" in res}
-        changes += resolve(rows, members, infos, hashes, near, pixels, params).items()
+        # Exact duplicates: identical bytes from the manifest; identical pixels, but only for
+        # pairs that could be (see pixel_candidates), from the pixel digests.
+        candidates = pixel_candidates(rows, members, thumbs, near)
+        pixels: dict[int, str] = {}
+        if candidates:
+            digest = PixelDigest()
+            seen = look(ctx, self.name, [rows[members[k]] for k in candidates], manifest.roots,
+                        [digest], desc="dedup: pixel identity")
+            pixels = {k: seen[digest].record(rows[members[k]]["sha256"])["digest"]
+                      for j, k in enumerate(candidates) if j not in seen.failed}
+        updates = resolve(rows, members, sharp, hashes, near, pixels, params)
+        changes += [(positions[k], update) for k, update in updates.items()]
         return self.output_updates(manifest, changes, params, ctx)
 
 
-def pixel_candidates(rows, members, infos, near: Edges, max_distance: int = 4,
+def pixel_candidates(rows, members, thumbs: np.ndarray, near: Edges, max_distance: int = 4,
                      max_difference: int = 3) -> list[int]:
     """Samples that may have a pixel-identical twin of other bytes: in a pair at most
     ``max_distance`` bits apart, of the same size and channels, whose 8x8 thumbnails differ by
@@ -250,25 +279,26 @@ def pixel_candidates(rows, members, infos, near: Edges, max_distance: int = 4,
         if (ra["width"], ra["height"], ra["channels"]) != (rb["width"], rb["height"],
                                                              rb["channels"]):
             continue
-        diff = np.abs(infos[a]["thumb"].astype(np.int16) - infos[b]["thumb"].astype(np.int16))
+        diff = np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16))
         if int(diff.max()) <= max_difference:
             chosen.update((a, b))
     return sorted(chosen)
 
 
-def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str, Any]],
+def resolve(rows: list[dict[str, Any]], members: list[int], sharpness: np.ndarray,
             hashes: np.ndarray, near: Edges, pixels: dict[int, str], params: DedupParams
             ) -> dict[int, dict[str, Any]]:
-    """Row index -> update (hash, sharpness, group, and drops or flags) for hashed samples.
+    """Row index -> update (hash, sharpness, group, and drops or flags) for hashed samples
+    (``members``: the rows that were hashed; ``sharpness`` and ``hashes`` are theirs).
 
     ``pixels``: full-pixel digests of the candidates for pixel identity (sample -> digest).
     """
     n = len(members)
     names = phash.transform_names(params.transforms)
     updates: dict[int, dict[str, Any]] = {
-        i: {"measures": {DEDUP_HASH: phash.to_hex(info["hashes"][0]),
-                         DEDUP_SHARPNESS: info["sharpness"]}}
-        for i, info in zip(members, infos, strict=True)}
+        i: {"measures": {DEDUP_HASH: phash.to_hex(int(hashes[k, 0])),
+                         DEDUP_SHARPNESS: float(sharpness[k])}}
+        for k, i in enumerate(members)}
     if n == 0:
         return updates
     # Exact duplicates: identical bytes, or identical pixels among the checked candidates.
@@ -301,7 +331,7 @@ def resolve(rows: list[dict[str, Any]], members: list[int], infos: list[dict[str
     # measure a hair differently): path order decides between them.
     sharp: dict[int, float] = {}
     for k, comp in enumerate(exact_of.tolist()):
-        sharp[comp] = max(sharp.get(comp, 0.0), infos[k]["sharpness"])
+        sharp[comp] = max(sharp.get(comp, 0.0), float(sharpness[k]))
     for cluster in _clusters(cluster_of):
         cluster_id = rows[members[min(cluster, key=lambda k: order_key[k])]]["sample_id"]
         ranked = sorted(cluster, key=lambda k: (

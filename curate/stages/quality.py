@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from curate.core.manifest import Manifest
 from curate.core.measures import (
@@ -39,8 +40,8 @@ from curate.core.measures import (
     QUALITY_DARK_FRACTION,
     QUALITY_SHARPNESS,
 )
-from curate.engine.runner import Context, SampleEnv, Stage, map_kept
-from curate.imaging.io import decode
+from curate.engine.facts import Extractor, Look, look
+from curate.engine.runner import Context, Stage, kept_rows
 from curate.imaging.stats import exposure, sharpness
 
 
@@ -67,28 +68,42 @@ class QualityParams:
             raise ValueError(f"min_category must be >= 3, got {self.min_category}")
 
 
-def measure_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Decode (grey) and measure; the checks that need no other sample are made here."""
-    p: QualityParams = env.params
-    grey = decode(env.read_source(row), grayscale=True)
-    exp = exposure(grey)
-    measures = {QUALITY_SHARPNESS: sharpness(grey),
-                QUALITY_DARK_FRACTION: exp.dark_fraction,
-                QUALITY_BRIGHT_FRACTION: exp.bright_fraction,
-                QUALITY_CONTRAST: exp.contrast}
+@dataclass(frozen=True)
+class QualityFacts(Extractor):
+    """Sharpness, exposure and contrast of the grey image, and its size as decoded."""
+
+    name = "quality.stats"
+    version = "1"
+    fields = (("sharpness", pa.float64()), ("dark_fraction", pa.float64()),
+              ("bright_fraction", pa.float64()), ("contrast", pa.float64()),
+              ("height", pa.int64()), ("width", pa.int64()))
+
+    def compute(self, look: Look) -> dict[str, Any]:
+        grey = look.grey
+        exp = exposure(grey)
+        return {"sharpness": sharpness(grey), "dark_fraction": exp.dark_fraction,
+                "bright_fraction": exp.bright_fraction, "contrast": exp.contrast,
+                "height": grey.shape[0], "width": grey.shape[1]}
+
+
+def judge(path: str, facts: dict[str, Any], p: QualityParams) -> dict[str, Any]:
+    """One sample's measures and the checks that need no other sample."""
+    measures = {QUALITY_SHARPNESS: facts["sharpness"],
+                QUALITY_DARK_FRACTION: facts["dark_fraction"],
+                QUALITY_BRIGHT_FRACTION: facts["bright_fraction"],
+                QUALITY_CONTRAST: facts["contrast"]}
     drops = []
-    side = min(grey.shape)
+    side = min(facts["height"], facts["width"])
     if side < p.min_side:
-        drops.append(("too_small", f"{row['path']}: shorter side {side} px (limit "
-                      f"{p.min_side} px)"))
-    if exp.dark_fraction > p.max_clipped:
-        drops.append(("underexposed", f"{row['path']}: {exp.dark_fraction:.1%} of pixels at "
+        drops.append(("too_small", f"{path}: shorter side {side} px (limit {p.min_side} px)"))
+    if facts["dark_fraction"] > p.max_clipped:
+        drops.append(("underexposed", f"{path}: {facts['dark_fraction']:.1%} of pixels at "
                       f"grey level <= 5 (limit {p.max_clipped:.0%})"))
-    if exp.bright_fraction > p.max_clipped:
-        drops.append(("overexposed", f"{row['path']}: {exp.bright_fraction:.1%} of pixels at "
+    if facts["bright_fraction"] > p.max_clipped:
+        drops.append(("overexposed", f"{path}: {facts['bright_fraction']:.1%} of pixels at "
                       f"grey level >= 250 (limit {p.max_clipped:.0%})"))
-    if exp.contrast < p.min_contrast:
-        drops.append(("low_contrast", f"{row['path']}: grey levels span {exp.contrast:.0f} "
+    if facts["contrast"] < p.min_contrast:
+        drops.append(("low_contrast", f"{path}: grey levels span {facts['contrast']:.0f} "
                       f"from 1st to 99th percentile (limit {p.min_contrast:g})"))
     update: dict[str, Any] = {"measures": measures}
     if drops:
@@ -113,14 +128,24 @@ class Quality(Stage[QualityParams]):
     version = "1"
     Params = QualityParams
 
+    def facts(self, params: QualityParams) -> list[Extractor]:
+        return [QualityFacts()]
+
     def run(self, inputs: list[Manifest], params: QualityParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows, kept, updates = map_kept(self, manifest, params, ctx, measure_sample, desc="quality")
+        positions, rows = kept_rows(manifest, ("sample_id", "source", "path", "sha256",
+                                               "category"))
+        stats = QualityFacts()
+        looked = look(ctx, self.name, rows, manifest.roots, [stats], desc="quality")
+        measured = [k for k in range(len(rows)) if k not in looked.failed]
+        records = looked[stats].take([rows[k]["sha256"] for k in measured]).to_pylist()
+        updates = {k: judge(rows[k]["path"], facts, params)
+                   for k, facts in zip(measured, records, strict=True)}
+        updates.update(looked.failed)
         # Blur is judged against the category's own distribution of sharpness.
         by_category: dict[str, list[int]] = {}
-        for k, (i, update) in enumerate(zip(kept, updates, strict=True)):
-            if "measures" in update:
-                by_category.setdefault(rows[i]["category"], []).append(k)
+        for k in measured:
+            by_category.setdefault(rows[k]["category"], []).append(k)
         for members in by_category.values():
             if len(members) < params.min_category:
                 continue
@@ -132,6 +157,7 @@ class Quality(Stage[QualityParams]):
                 if z < params.blur_z:
                     value = update["measures"][QUALITY_SHARPNESS]
                     update.setdefault("drop", []).append(("blurry", (
-                        f"{rows[kept[k]]['path']}: sharpness {value:.3g} is {abs(z):.1f} robust "
+                        f"{rows[k]['path']}: sharpness {value:.3g} is {abs(z):.1f} robust "
                         f"deviations below its category's median (limit {params.blur_z:g})")))
-        return self.output_updates(manifest, zip(kept, updates, strict=True), params, ctx)
+        return self.output_updates(manifest, [(positions[k], updates[k])
+                                              for k in range(len(rows))], params, ctx)
