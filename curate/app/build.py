@@ -16,6 +16,7 @@ from typing import Any
 from curate.app.recipe import Recipe
 from curate.core.errors import CurateError, UsageError
 from curate.core.manifest import Manifest
+from curate.engine.facts import StoredPng
 from curate.engine.runner import Context, StageResult, run_stage
 from curate.sources.discover import discover
 from curate.stages import stage_class
@@ -76,9 +77,17 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
     ingested = [r.manifest for r in results]
     if len(ingested) > 1:
         results.append(run_stage(Merge(), ingested, MergeParams(), ctx))
-    for step in recipe.stages:
-        results.append(run_stage(stage_class(step.stage)(), [results[-1].manifest],
-                                 step.params, ctx))
+    # Look once: whichever stage first decodes an image computes every fact the recipe will
+    # ask of it (later stages' and the export's) from that one decode.
+    stages = [(stage_class(step.stage)(), step.params) for step in recipe.stages]
+    ctx.prefetch = [ex for stage, params in stages for ex in stage.facts(params)]
+    if recipe.exports:
+        ctx.prefetch.append(StoredPng())
+    try:
+        for stage, params in stages:
+            results.append(run_stage(stage, [results[-1].manifest], params, ctx))
+    finally:
+        ctx.prefetch = []
     return BuildResult(recipe.name, results, {k: str(v) for k, v in found.items()}, missing)
 
 

@@ -42,6 +42,7 @@ from curate.core.canonical import content_hash
 from curate.core.errors import CurateError
 from curate.core.files import sha256_bytes
 from curate.engine.store import Store, pixel_digest
+from curate.imaging import stats
 from curate.imaging.io import decode
 
 if TYPE_CHECKING:
@@ -79,6 +80,12 @@ class Look:
         r, g, b = (pixels[..., c].astype(np.uint32) for c in range(3))
         return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
+    @cached_property
+    def sharpness(self) -> float:
+        """Variance of the Laplacian of :attr:`grey` (:func:`curate.imaging.stats.sharpness`),
+        shared by the extractors that need it."""
+        return stats.sharpness(self.grey)
+
     def count_decode(self) -> None:
         """For an extractor that decodes by another path (a reduced JPEG decode)."""
         self.decodes += 1
@@ -98,6 +105,12 @@ class Extractor(abc.ABC):
     @abc.abstractmethod
     def compute(self, look: Look) -> dict[str, Any]:
         """The fact's values for the image in ``look`` (raise to fail the sample)."""
+
+    def wants(self, row: dict[str, Any]) -> bool:
+        """Whether this fact is wanted for the image of ``row`` (a dict of
+        :data:`LOOK_COLUMNS`): an extractor for some categories only says so here, so that a
+        look computing it along (``ctx.prefetch``) leaves the other images alone."""
+        return True
 
     @cached_property
     def key(self) -> str:
@@ -192,14 +205,22 @@ class FactStore:
         self._loaded[extractor.key] = (names, facts)
         return facts
 
-    def add(self, extractor: Extractor, records: dict[str, dict[str, Any]]) -> None:
-        """Add facts (image key -> values) as one new segment; merge segments when many."""
+    def add(self, extractor: Extractor, records: dict[str, dict[str, Any]], *,
+            persist: bool = True) -> None:
+        """Add facts (image key -> values) as one new segment; merge segments when many.
+        ``persist=False`` (a dry run writes nothing): keep them in memory only."""
         if not records:
             return
         keys = sorted(records)
         table = pa.Table.from_pydict(
             {"key": keys, **{f: [records[k][f] for k in keys] for f, _ in extractor.fields}},
             schema=extractor.schema)
+        if not persist:
+            known = self.read(extractor)  # (and remembers which segments it came from)
+            names = self._loaded[extractor.key][0]
+            self._loaded[extractor.key] = (names, FactTable(pa.concat_tables([known.table,
+                                                                              table])))
+            return
         folder = self.folder(extractor)
         folder.mkdir(parents=True, exist_ok=True)
         old = sorted(folder.glob("*.parquet"))
@@ -234,7 +255,7 @@ class LookJob:
 
 
 #: The row columns a look reads (the rest of a row is not sent to the workers).
-LOOK_COLUMNS = ("sample_id", "source", "path", "sha256")
+LOOK_COLUMNS = ("sample_id", "source", "path", "sha256", "category")
 
 
 def look_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
@@ -246,7 +267,7 @@ def look_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
                           "ingest it again")
     look = Look(data, row, env.store)
     job: LookJob = env.params
-    return {"facts": {ex.key: ex.compute(look) for ex in job.extractors},
+    return {"facts": {ex.key: ex.compute(look) for ex in job.extractors if ex.wants(row)},
             "decoded": look.decodes}
 
 
@@ -265,8 +286,9 @@ class Looked:
 def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[str, str],
          extractors: Sequence[Extractor], *, desc: str | None = None) -> Looked:
     """The facts of ``extractors`` for the images of ``rows`` (dicts with at least
-    :data:`LOOK_COLUMNS`), computing the missing ones in one decode per image (plus whatever
-    of ``ctx.prefetch`` those images lack). Decodes are added to ``ctx.counts["decoded"]``."""
+    :data:`LOOK_COLUMNS`) that each extractor :meth:`~Extractor.wants`, computing the missing
+    ones in one decode per image (plus whatever of ``ctx.prefetch`` those images lack).
+    Decodes are added to ``ctx.counts["decoded"]``."""
     store: FactStore = ctx.workspace.facts
     wanted = list(dict.fromkeys(extractors))
     extra = [ex for ex in dict.fromkeys(ctx.prefetch) if ex not in wanted]
@@ -274,12 +296,13 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
     todo: dict[str, int] = {}  # image sha256 -> the first row that shows it
     for i, row in enumerate(rows):
         if row["sha256"] not in todo and any(row["sha256"] not in known[ex.key]
-                                             for ex in wanted):
+                                             for ex in wanted if ex.wants(row)):
             todo[row["sha256"]] = i
     failed_by_sha: dict[str, dict[str, Any]] = {}
     if todo:
         missing = [ex for ex in [*wanted, *extra]
-                   if any(sha not in known[ex.key] for sha in todo)]
+                   if any(sha not in known[ex.key] and ex.wants(rows[i])
+                          for sha, i in todo.items())]
         jobs = [{c: rows[i][c] for c in LOOK_COLUMNS} for i in todo.values()]
         env = ctx.env(stage, LookJob(tuple(missing)), roots)
         results = ctx.map(look_sample, jobs, env, desc or f"{stage}: looking")
@@ -293,7 +316,7 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
                 if sha not in known[key]:
                     new[key][sha] = values
         for ex in missing:
-            store.add(ex, new[ex.key])
+            store.add(ex, new[ex.key], persist=ctx.persist_facts)
             known[ex.key] = store.read(ex)
     failed = {}
     for i, row in enumerate(rows):

@@ -177,6 +177,8 @@ class Context:
         #: Extractors whose facts a look computes too for any image it decodes anyway: set by
         #: a build from its later stages (:meth:`Stage.facts`) and exports.
         self.prefetch: list[Extractor] = []
+        #: False while a stage runs dry: looks keep the facts they compute in memory only.
+        self.persist_facts = True
 
     @property
     def workspace(self) -> Workspace:
@@ -491,7 +493,11 @@ def run_stage(stage: Stage[P], inputs: list[Manifest], params: P, ctx: Context, 
         manifest.roots = stage.roots(inputs, params)
         from_cache = True
     else:
-        manifest = stage.run(inputs, params, ctx)
+        ctx.persist_facts = save
+        try:
+            manifest = stage.run(inputs, params, ctx)
+        finally:
+            ctx.persist_facts = True
         from_cache = False
     elapsed = time.perf_counter() - start
     if save:

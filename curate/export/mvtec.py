@@ -60,6 +60,7 @@ from curate.core.errors import CurateError
 from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.core.manifest import GOOD, KEPT, Manifest
 from curate.core.measures import LABELS_MASK_FRACTION
+from curate.engine.facts import StoredPng, look
 from curate.engine.runner import Context, SampleEnv
 from curate.export.staging import staged, write_failure
 from curate.imaging.io import decode, encode_png
@@ -202,7 +203,11 @@ def export_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         return {"failed": f"{original} changed since ingest (sha256 {digest}, expected "
                           f"{job['sha256']}): ingest it again"}
     if env.params.images == "png":
-        data = encode_png(decode(data))
+        # The PNG a look stored gives the same bytes as encoding again (and a store file
+        # removed by hand is made again).
+        stored = env.store.path(job["png"]) if "png" in job else None
+        data = stored.read_bytes() if stored is not None and stored.is_file() else \
+            encode_png(decode(data))
     files = {"image": (job["export_image"], data)}
     # The store already holds masks and foregrounds as PNG: copied, not re-encoded.
     for kind in ("mask", "foreground"):
@@ -236,6 +241,8 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
     for parent in sorted({str(PurePosixPath(j[k]).parent) for j in jobs
                           for k in ("export_image", "export_mask", "export_foreground") if j[k]}):
         (folder / parent).mkdir(parents=True, exist_ok=True)
+    if images == "png":
+        _stored_pngs(jobs, manifest, ctx)
     env = ctx.env("export", ExportParams(out=str(folder), images=images), manifest.roots)
     results = ctx.map(export_sample, jobs, env, "export mvtec")
     _raise_failures(results)
@@ -246,6 +253,18 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
     except OSError as exc:
         raise CurateError(write_failure(exc, folder / MARKER)) from None
     return report
+
+
+def _stored_pngs(jobs: list[dict[str, Any]], manifest: Manifest, ctx: Context) -> None:
+    """Each job's image as a PNG in the store (``job["png"]``): found when a look of the build
+    made it from its one decode, else made now (so a second export only copies). An image
+    that cannot be looked at gets none: :func:`export_sample` then says what is wrong."""
+    png = StoredPng()
+    looked = look(ctx, "export", jobs, manifest.roots, [png], desc="export: images")
+    ok = [j for k, j in enumerate(jobs) if k not in looked.failed]
+    keys = looked[png].column([j["sha256"] for j in ok], "png")
+    for job, key in zip(ok, keys, strict=True):
+        job["png"] = key
 
 
 def _raise_failures(results: list[dict]) -> None:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 
-def _variance(values: np.ndarray) -> float:
+def variance(values: np.ndarray) -> float:
     return float(cv2.meanStdDev(values)[1][0, 0]) ** 2  # much faster than ndarray.var()
 
 
@@ -20,7 +20,7 @@ def sharpness(grey: np.ndarray) -> float:
     """Variance of the Laplacian: high for crisp edges and texture, low for blurred images
     (Pech-Pacheco et al. 2000). Only comparable between images of similar content and scale,
     hence robust z-scores within a category (see curate.stages.quality)."""
-    return _variance(cv2.Laplacian(grey, cv2.CV_32F))
+    return variance(cv2.Laplacian(grey, cv2.CV_32F))
 
 
 def relative_sharpness(grey: np.ndarray) -> float:
@@ -29,7 +29,7 @@ def relative_sharpness(grey: np.ndarray) -> float:
     Unchanged by a change of contrast or brightness, so it ranks copies of one image by how
     much fine detail survived (blur and lossy re-encoding lower it), not by how strongly they
     were contrast-stretched."""
-    return sharpness(grey) / (_variance(grey) + 1.0)
+    return sharpness(grey) / (variance(grey) + 1.0)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,12 @@ class Exposure:
 
 
 def exposure(grey: np.ndarray, dark_level: int = 5, bright_level: int = 250) -> Exposure:
-    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    if grey.size < 2 ** 24:  # OpenCV's histogram counts in float32: exact below 2^24
+        # The same counts as np.bincount, four times faster.
+        hist = cv2.calcHist([np.ascontiguousarray(grey)], [0], None, [256], [0, 256]
+                            ).ravel().astype(np.float64)
+    else:
+        hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
     total = hist.sum()
     if total == 0:
         return Exposure(0.0, 0.0, 0.0)

@@ -57,12 +57,12 @@ from scipy.sparse.csgraph import connected_components
 
 from curate.core.manifest import Manifest
 from curate.core.measures import DEDUP_CLUSTER, DEDUP_HASH, DEDUP_SHARPNESS
-from curate.engine.facts import Extractor, Look, PixelDigest, look
+from curate.engine.facts import LOOK_COLUMNS, Extractor, Look, PixelDigest, look
 from curate.engine.runner import Context, Stage, kept_rows
 from curate.imaging import phash
 from curate.imaging.hamming import pairs_within, pairs_within_queries
 from curate.imaging.io import BadImage, probe
-from curate.imaging.stats import relative_sharpness
+from curate.imaging.stats import relative_sharpness, variance
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,17 @@ class HashFacts(Extractor):
     def compute(self, look: Look) -> dict[str, Any]:
         if self.decode == "full":
             grey = look.grey
+            sharp = look.sharpness / (variance(grey) + 1.0)  # relative_sharpness, shared
         else:
             look.count_decode()
             info = probe(look.data)
             grey = reduced_grey(look.data, info.width, info.height)
+            sharp = relative_sharpness(grey)
         image = Image.fromarray(grey)
         thumb = phash.thumbnail(image)
         return {
             "hashes": phash.hashes(image, self.method, self.transforms, thumb=thumb),
-            "sharpness": relative_sharpness(grey),
+            "sharpness": sharp,
             # 8x8 block means of the thumbnail: pixel-identical images have (near) identical
             # ones, so this picks the few pairs whose full pixels are worth comparing.
             "thumb": thumb.reshape(8, 4, 8, 4).mean(axis=(1, 3)).round().astype(np.uint8)
@@ -218,7 +220,7 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 #: The row columns dedup decides by.
-COLUMNS = ("sample_id", "source", "path", "sha256", "width", "height", "channels", "label")
+COLUMNS = (*LOOK_COLUMNS, "width", "height", "channels", "label")
 
 
 class Dedup(Stage[DedupParams]):

@@ -40,9 +40,9 @@ from curate.core.measures import (
     QUALITY_DARK_FRACTION,
     QUALITY_SHARPNESS,
 )
-from curate.engine.facts import Extractor, Look, look
+from curate.engine.facts import LOOK_COLUMNS, Extractor, Look, look
 from curate.engine.runner import Context, Stage, kept_rows
-from curate.imaging.stats import exposure, sharpness
+from curate.imaging.stats import exposure
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class QualityFacts(Extractor):
     def compute(self, look: Look) -> dict[str, Any]:
         grey = look.grey
         exp = exposure(grey)
-        return {"sharpness": sharpness(grey), "dark_fraction": exp.dark_fraction,
+        return {"sharpness": look.sharpness, "dark_fraction": exp.dark_fraction,
                 "bright_fraction": exp.bright_fraction, "contrast": exp.contrast,
                 "height": grey.shape[0], "width": grey.shape[1]}
 
@@ -133,8 +133,7 @@ class Quality(Stage[QualityParams]):
 
     def run(self, inputs: list[Manifest], params: QualityParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        positions, rows = kept_rows(manifest, ("sample_id", "source", "path", "sha256",
-                                               "category"))
+        positions, rows = kept_rows(manifest, LOOK_COLUMNS)
         stats = QualityFacts()
         looked = look(ctx, self.name, rows, manifest.roots, [stats], desc="quality")
         measured = [k for k in range(len(rows)) if k not in looked.failed]

@@ -64,7 +64,7 @@ def build_cmd(recipe: str, sources: Path | None, explicit: tuple[str, ...], out:
     if as_json:
         emit_json({"recipe": r.name, "manifest": result.manifest.id, "sources": result.sources,
                    "missing": result.missing, "stages": [s.summary() for s in result.stages],
-                   "exports": exports})
+                   "exports": exports, "decoded": ctx.counts["decoded"]})
         return
     for kind, path in result.sources.items():
         stdout.print(f"source {kind}: {path}", highlight=False)
