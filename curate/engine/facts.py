@@ -175,11 +175,15 @@ class FactTable:
 
 
 class FactStore:
-    """The facts of a workspace (``W/facts``), one folder of Parquet segments per extractor."""
+    """The facts of a workspace (``W/facts``), one folder of Parquet segments per extractor.
+
+    Facts added with ``persist=False`` (by a dry run, which writes nothing) are kept in memory,
+    read like the others, and written with the next persisting :meth:`add` or :meth:`flush`."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self._loaded: dict[str, tuple[tuple[str, ...], FactTable]] = {}
+        self._loaded: dict[str, tuple[tuple[tuple[str, int, int], ...], FactTable]] = {}
+        self._unsaved: dict[str, pa.Table] = {}
 
     def folder(self, extractor: Extractor) -> Path:
         return self.root / extractor.key
@@ -187,19 +191,24 @@ class FactStore:
     def read(self, extractor: Extractor) -> FactTable:
         """Every fact of this extractor (kept in memory while the segments are unchanged)."""
         folder = self.folder(extractor)
-        names = tuple(sorted(p.name for p in folder.glob("*.parquet"))) if folder.is_dir() \
-            else ()
+        # The segments as they are now (a segment's name is its content's hash; size and
+        # modification time tell a file damaged in place).
+        names = tuple(sorted((p.name, st.st_size, st.st_mtime_ns)
+                             for p in folder.glob("*.parquet")
+                             for st in [p.stat()])) if folder.is_dir() else ()
         cached = self._loaded.get(extractor.key)
         if cached is not None and cached[0] == names:
             return cached[1]
         tables = []
-        for name in names:
+        for name, _, _ in names:
             try:
                 table = pq.read_table(folder / name)
             except (OSError, pa.ArrowException):  # a foreign or damaged file: ignore, recompute
                 continue
             if table.schema.equals(extractor.schema):
                 tables.append(table)
+        if extractor.key in self._unsaved:
+            tables.append(self._unsaved[extractor.key])
         table = pa.concat_tables(tables) if tables else extractor.schema.empty_table()
         facts = FactTable(table)
         self._loaded[extractor.key] = (names, facts)
@@ -207,30 +216,35 @@ class FactStore:
 
     def add(self, extractor: Extractor, records: dict[str, dict[str, Any]], *,
             persist: bool = True) -> None:
-        """Add facts (image key -> values) as one new segment; merge segments when many.
-        ``persist=False`` (a dry run writes nothing): keep them in memory only."""
-        if not records:
-            return
+        """Add facts (image key -> values) as one new segment (with any unsaved ones); merge
+        the segments into one when there are many. ``persist=False``: in memory only."""
         keys = sorted(records)
         table = pa.Table.from_pydict(
             {"key": keys, **{f: [records[k][f] for k in keys] for f, _ in extractor.fields}},
             schema=extractor.schema)
+        unsaved = self._unsaved.pop(extractor.key, None)
+        if unsaved is not None:
+            table = pa.concat_tables([unsaved, table])
+        self._loaded.pop(extractor.key, None)
+        if table.num_rows == 0:
+            return
         if not persist:
-            known = self.read(extractor)  # (and remembers which segments it came from)
-            names = self._loaded[extractor.key][0]
-            self._loaded[extractor.key] = (names, FactTable(pa.concat_tables([known.table,
-                                                                              table])))
+            self._unsaved[extractor.key] = table
             return
         folder = self.folder(extractor)
         folder.mkdir(parents=True, exist_ok=True)
         old = sorted(folder.glob("*.parquet"))
         if len(old) >= MAX_SEGMENTS:
-            known = self.read(extractor).table
-            table = pa.concat_tables([known, table])
+            table = pa.concat_tables([self.read(extractor).table, table])
         _write_segment(folder, table)
         if len(old) >= MAX_SEGMENTS:
             for path in old:  # everything they held is in the new segment
                 path.unlink(missing_ok=True)
+
+    def flush(self, extractor: Extractor) -> None:
+        """Write the facts a dry run kept in memory."""
+        if extractor.key in self._unsaved:
+            self.add(extractor, {})
 
 
 def _write_segment(folder: Path, table: pa.Table) -> None:
@@ -238,8 +252,8 @@ def _write_segment(folder: Path, table: pa.Table) -> None:
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
     target = folder / f"{hashlib.sha256(data).hexdigest()}.parquet"
-    if target.exists():
-        return
+    if target.is_file() and target.read_bytes() == data:
+        return  # (a damaged file of that name is replaced)
     tmp = folder / f".{target.name}.{os.getpid()}.tmp"
     try:
         tmp.write_bytes(data)
@@ -318,6 +332,9 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
         for ex in missing:
             store.add(ex, new[ex.key], persist=ctx.persist_facts)
             known[ex.key] = store.read(ex)
+    if ctx.persist_facts:
+        for ex in wanted:  # facts an earlier dry run found, kept now
+            store.flush(ex)
     failed = {}
     for i, row in enumerate(rows):
         res = failed_by_sha.get(row["sha256"])
