@@ -10,6 +10,7 @@ images decodes only the new ones.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -297,3 +298,40 @@ def test_killed_while_looking_then_rerun_gives_the_same_manifest(tmp_path, mtd_r
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     resumed = _build(source, ws, tmp_path / "o2")
     assert resumed["manifest"] == clean["manifest"]
+
+
+@pytest.mark.slow
+def test_an_export_links_store_files_and_copies_them_when_asked_or_it_must(
+        tmp_path, mtd_root, monkeypatch):
+    small = mtd_subset(mtd_root, tmp_path / "small", {"MT_Free": 5, "MT_Crack": 3})
+    _build(small, tmp_path / "ws", tmp_path / "linked")
+    ws = Workspace.open(tmp_path / "ws", create=False)
+    report = json.loads((tmp_path / "linked" / "curate-export.json").read_text())
+    for entry in report["files"]:
+        for kind in ("file", "mask", "foreground"):
+            if entry[kind] is None:
+                continue
+            exported = (tmp_path / "linked" / entry[kind]).stat()
+            assert exported.st_nlink >= 2  # the store's file, not a copy of it
+            assert not exported.st_mode & 0o222  # read-only, as the store keeps it
+    # --copy: the same bytes, files of their own.
+    result = CliRunner().invoke(cli, ["export", "mvtec", "-w", str(ws.root), "--out",
+                                      str(tmp_path / "copied"), "--copy"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    linked = {p.relative_to(tmp_path / "linked"): p for p in (tmp_path / "linked").rglob("*.png")}
+    copied = {p.relative_to(tmp_path / "copied"): p for p in (tmp_path / "copied").rglob("*.png")}
+    assert linked.keys() == copied.keys()
+    for rel, path in copied.items():
+        assert path.stat().st_nlink == 1 and path.read_bytes() == linked[rel].read_bytes()
+    # Another file system (no link possible): copies, silently.
+    import curate.export.mvtec as mvtec
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(mvtec.os, "link", no_link)
+    result = CliRunner().invoke(cli, ["export", "mvtec", "-w", str(ws.root), "--out",
+                                      str(tmp_path / "elsewhere")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert all(p.stat().st_nlink == 1 for p in (tmp_path / "elsewhere").rglob("*.png"))

@@ -92,22 +92,24 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
 
 
 def export_all(result: BuildResult, recipe: Recipe, ctx: Context, out: Path, *,
-               card: bool = True, overwrite: bool = False) -> dict[str, Any]:
+               card: bool = True, overwrite: bool = False, link: bool = True
+               ) -> dict[str, Any]:
     """The recipe's exports of the final manifest into ``out``, then the dataset card beside
     them (see :func:`export_manifest`); the card names the recipe and its missing sources.
 
     An earlier export at ``out`` is replaced as ``curate export`` replaces one: silently if it
     was made from the same manifest (the build ran again), else only with ``overwrite``."""
     exports = export_manifest(result.manifest, ctx, out, recipe.exports, card=card,
-                              overwrite=overwrite, recipe=recipe.name, missing=result.missing)
+                              overwrite=overwrite, recipe=recipe.name, missing=result.missing,
+                              link=link)
     result.exports = exports
     return exports
 
 
 def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collection[str], *,
                     card: bool = False, overwrite: bool = False, images: str = "png",
-                    recipe: str | None = None, missing: dict[str, str] | None = None
-                    ) -> dict[str, Any]:
+                    recipe: str | None = None, missing: dict[str, str] | None = None,
+                    link: bool = True) -> dict[str, Any]:
     """The MVTec tree of ``manifest`` in ``out`` (first: the sample lists point into it), the
     sample lists of ``formats`` ("realnet", "realiad") beside it, and the dataset card if
     ``card`` (``recipe`` and ``missing``, the sources the recipe found missing, go on it).
@@ -127,7 +129,7 @@ def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collec
         def final(paths: list[Path]) -> list[str]:
             return [str(Path(out) / p.relative_to(tmp)) for p in paths]
 
-        report = write_mvtec(manifest, tmp, ctx, images=images)
+        report = write_mvtec(manifest, tmp, ctx, images=images, link=link)
         beside = {"realnet", "realiad", "card", "card.md"}  # what the lists and card write
         clash = sorted(c for c in report["counts"] if c.lower() in beside)
         if clash:

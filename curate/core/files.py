@@ -15,13 +15,17 @@ from curate.core.errors import CurateError, UnsafePathError, stable_text
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, read_only: bool = False
+                       ) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole file
+    (``read_only``: with no write permission, from the moment it appears)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
+            if read_only:
+                os.fchmod(fh.fileno(), 0o444)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

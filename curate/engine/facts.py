@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -193,9 +193,7 @@ class FactStore:
         folder = self.folder(extractor)
         # The segments as they are now (a segment's name is its content's hash; size and
         # modification time tell a file damaged in place).
-        names = tuple(sorted((p.name, st.st_size, st.st_mtime_ns)
-                             for p in folder.glob("*.parquet")
-                             for st in [p.stat()])) if folder.is_dir() else ()
+        names = tuple(sorted(_segments(folder)))
         cached = self._loaded.get(extractor.key)
         if cached is not None and cached[0] == names:
             return cached[1]
@@ -203,7 +201,7 @@ class FactStore:
         for name, _, _ in names:
             try:
                 table = pq.read_table(folder / name)
-            except (OSError, pa.ArrowException):  # a foreign or damaged file: ignore, recompute
+            except (OSError, pa.ArrowException):  # damaged, or merged away: ignore, recompute
                 continue
             if table.schema.equals(extractor.schema):
                 tables.append(table)
@@ -245,6 +243,17 @@ class FactStore:
         """Write the facts a dry run kept in memory."""
         if extractor.key in self._unsaved:
             self.add(extractor, {})
+
+
+def _segments(folder: Path) -> Iterator[tuple[str, int, int]]:
+    """(name, size, mtime) of each segment; one merged away meanwhile (by a reader such as an
+    export, which holds no lock) is passed over: its facts are in the merged one."""
+    for path in folder.glob("*.parquet"):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        yield path.name, st.st_size, st.st_mtime_ns
 
 
 def _write_segment(folder: Path, table: pa.Table) -> None:

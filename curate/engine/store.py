@@ -1,7 +1,7 @@
 """The content-addressed artifact store of a workspace (masks, foregrounds, synthetic images).
 
-Every artifact is written once, atomically, under ``store/ab/abcdef….ext`` and named by a hash
-of its content. For pixel arrays the hash is taken over the pixels (shape, dtype and bytes),
+Every artifact is written once, atomically and read-only, under ``store/ab/abcdef….ext`` and
+named by a hash of its content. For pixel arrays the hash is taken over the pixels (shape, dtype and bytes),
 not over the encoded file, so the same mask gets the same key whichever PNG encoder wrote it:
 manifest ids then do not depend on library versions.
 """
@@ -53,7 +53,9 @@ class Store:
         target = self.path(key)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, data)
+            # Read-only: exports hard-link store files, and an in-place edit of an exported
+            # file must not change what a key names.
+            atomic_write_bytes(target, data, read_only=True)
         return key
 
     def put_bytes(self, data: bytes, ext: str) -> str:

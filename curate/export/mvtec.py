@@ -15,7 +15,16 @@ defect folder under ``train/``), so a defect the manifest puts in train (a synth
 
 Images are written as PNG (official loaders glob ``*.png``), channels as in the source; with
 ``images="keep"`` they are copied byte for byte instead, keeping their format and extension
-(several times faster: no decoding or encoding, but only for loaders that accept any format).
+(no decoding or encoding, but only for loaders that accept any format).
+
+Where PNGs come from: a build's look (:mod:`curate.engine.facts`) stores each image's PNG in the
+workspace's store from the decode every stage shares, so the export decodes nothing; an image
+without one (a manifest made by single stage commands) is decoded and encoded here. Store files — those PNGs, masks,
+foregrounds — are hard-linked into the tree (``link``, the default; a copy across file
+systems): no byte is written twice, and the tree costs no disk space the workspace does not
+already use. Store files are read-only and named by their content, so a tool that rewrites an
+exported file in place is refused instead of silently changing the store (``curate verify``
+checks the store); ``link=False`` (``--copy``) writes independent copies.
 
 File names are zero-padded indices per folder, as in MVTec AD itself (``000.png`` and its mask
 ``000_mask.png``; more digits where a folder holds more than 1,000 images), given in order of
@@ -47,9 +56,11 @@ skipped.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -60,7 +71,7 @@ from curate.core.errors import CurateError
 from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
 from curate.core.manifest import GOOD, KEPT, Manifest
 from curate.core.measures import LABELS_MASK_FRACTION
-from curate.engine.facts import StoredPng, look
+from curate.engine.facts import StoredPng
 from curate.engine.runner import Context, SampleEnv
 from curate.export.staging import staged, write_failure
 from curate.imaging.io import decode, encode_png
@@ -80,6 +91,26 @@ IMAGE_MODES = ("png", "keep")
 class ExportParams:
     out: str  # the temporary folder being written
     images: str = "png"
+    link: bool = True  # files from the store as hard links (see place_artifact)
+
+
+#: Why a hard link cannot be made, where a copy can: another file system, too many links to
+#: one file (every same-sized whole-frame foreground is one stored file), no link support.
+_NO_LINK = {errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def place_artifact(stored: Path, target: Path, link: bool) -> None:
+    """Put a file of the workspace's store at ``target``: a hard link where allowed (no data
+    written: the store's files are read-only and content-addressed, so the export shares
+    them safely), else a copy."""
+    if link:
+        try:
+            os.link(stored, target)
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+    shutil.copyfile(stored, target)
 
 
 def clean_folder_name(name: str) -> str:
@@ -202,36 +233,45 @@ def export_sample(job: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
     if digest != job["sha256"]:
         return {"failed": f"{original} changed since ingest (sha256 {digest}, expected "
                           f"{job['sha256']}): ingest it again"}
+    image: bytes | Path = data
     if env.params.images == "png":
-        # The PNG a look stored gives the same bytes as encoding again (and a store file
-        # removed by hand is made again).
+        # The PNG a look stored: the same bytes as encoding again (a store file removed by
+        # hand is made again).
         stored = env.store.path(job["png"]) if "png" in job else None
-        data = stored.read_bytes() if stored is not None and stored.is_file() else \
-            encode_png(decode(data))
-    files = {"image": (job["export_image"], data)}
-    # The store already holds masks and foregrounds as PNG: copied, not re-encoded.
+        image = stored if stored is not None and stored.is_file() else encode_png(decode(data))
+    files: dict[str, tuple[str, bytes | Path]] = {"image": (job["export_image"], image)}
+    # The store already holds masks and foregrounds as PNG: linked or copied, not re-encoded.
     for kind in ("mask", "foreground"):
         if job[f"export_{kind}"] is not None:
-            files[kind] = (job[f"export_{kind}"], env.store.read_bytes(job["artifacts"][kind]))
+            key = job["artifacts"][kind]
+            if not env.store.has(key):
+                raise CurateError(f"artifact {key} is missing from the store at "
+                                  f"{env.store.root}")
+            files[kind] = (job[f"export_{kind}"], env.store.path(key))
     for rel, content in files.values():
+        target = Path(env.params.out) / rel
         try:
-            atomic_write_bytes(Path(env.params.out) / rel, content)
+            if isinstance(content, Path):
+                place_artifact(content, target, env.params.link)
+            else:
+                atomic_write_bytes(target, content)
         except OSError as exc:
-            return {"failed": write_failure(exc, Path(env.params.out) / rel)}
+            return {"failed": write_failure(exc, target)}
     return {kind: rel for kind, (rel, _) in files.items()}
 
 
 def export_mvtec(manifest: Manifest, out: str | os.PathLike, ctx: Context, *,
-                 overwrite: bool = False, images: str = "png") -> dict[str, Any]:
+                 overwrite: bool = False, images: str = "png", link: bool = True
+                 ) -> dict[str, Any]:
     """Write ``manifest`` to ``out`` in the MVTec-AD layout; returns the export report.
 
     All or nothing: on any failure ``out`` is left as it was (see :mod:`.staging`)."""
     with staged(out, marker=MARKER, overwrite=overwrite, manifest=manifest.id) as tmp:
-        return write_mvtec(manifest, tmp, ctx, images=images)
+        return write_mvtec(manifest, tmp, ctx, images=images, link=link)
 
 
-def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str = "png"
-                ) -> dict[str, Any]:
+def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str = "png",
+                link: bool = True) -> dict[str, Any]:
     """Write the MVTec-AD tree and its report into the empty ``folder``, check that the tree
     holds exactly what the report lists, and return the report. Any sample that cannot be
     exported raises :class:`CurateError`, naming the file."""
@@ -242,8 +282,9 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
                           for k in ("export_image", "export_mask", "export_foreground") if j[k]}):
         (folder / parent).mkdir(parents=True, exist_ok=True)
     if images == "png":
-        _stored_pngs(jobs, manifest, ctx)
-    env = ctx.env("export", ExportParams(out=str(folder), images=images), manifest.roots)
+        _stored_pngs(jobs, ctx)
+    env = ctx.env("export", ExportParams(out=str(folder), images=images, link=link),
+                  manifest.roots)
     results = ctx.map(export_sample, jobs, env, "export mvtec")
     _raise_failures(results)
     report = _report(manifest, jobs, results, skipped, images)
@@ -255,15 +296,13 @@ def write_mvtec(manifest: Manifest, folder: Path, ctx: Context, *, images: str =
     return report
 
 
-def _stored_pngs(jobs: list[dict[str, Any]], manifest: Manifest, ctx: Context) -> None:
-    """Each job's image as a PNG in the store (``job["png"]``): found when a look of the build
-    made it from its one decode, else made now (so a second export only copies). An image
-    that cannot be looked at gets none: :func:`export_sample` then says what is wrong."""
-    png = StoredPng()
-    looked = look(ctx, "export", jobs, manifest.roots, [png], desc="export: images")
-    ok = [j for k, j in enumerate(jobs) if k not in looked.failed]
-    keys = looked[png].column([j["sha256"] for j in ok], "png")
-    for job, key in zip(ok, keys, strict=True):
+def _stored_pngs(jobs: list[dict[str, Any]], ctx: Context) -> None:
+    """Each job's image as a PNG in the store (``job["png"]``) where a look of the build made
+    one from its decode. Only read: an export writes nothing into the workspace (it takes no
+    lock), so an image without one is encoded by :func:`export_sample`."""
+    stored = ctx.workspace.facts.read(StoredPng())
+    found = [job for job in jobs if job["sha256"] in stored]
+    for job, key in zip(found, stored.column([j["sha256"] for j in found], "png"), strict=True):
         job["png"] = key
 
 

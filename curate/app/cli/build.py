@@ -10,6 +10,7 @@ import click
 from curate.engine.workspace import Workspace
 
 from .options import (
+    copy_option,
     given,
     jobs_option,
     json_option,
@@ -31,6 +32,7 @@ from .output import emit_json, show_export, show_results, stderr, stdout
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Export folder  [default: ./<recipe name>]")
 @click.option("--no-card", is_flag=True, help="Skip the dataset card.")
+@copy_option
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier curate export of another manifest at --out (one of "
                    "the same manifest is replaced without it).")
@@ -38,7 +40,7 @@ from .output import emit_json, show_export, show_results, stderr, stdout
 @run_options
 @json_option
 def build_cmd(recipe: str, sources: Path | None, explicit: tuple[str, ...], out: Path | None,
-              no_card: bool, overwrite: bool, workspace: Path, seed: int, jobs: int,
+              no_card: bool, copy: bool, overwrite: bool, workspace: Path, seed: int, jobs: int,
               as_json: bool) -> None:
     """Build a dataset from a recipe: ingest, curate, split, export, card.
 
@@ -60,7 +62,7 @@ def build_cmd(recipe: str, sources: Path | None, explicit: tuple[str, ...], out:
     with open_context(workspace, seed=seed, jobs=jobs) as ctx:
         result = build(r, ctx, sources, {k: Path(str(v)).expanduser() for k, v in pairs.items()})
         exports = export_all(result, r, ctx, out or Path(r.name), card=not no_card,
-                             overwrite=overwrite)
+                             overwrite=overwrite, link=not copy)
     if as_json:
         emit_json({"recipe": r.name, "manifest": result.manifest.id, "sources": result.sources,
                    "missing": result.missing, "stages": [s.summary() for s in result.stages],

@@ -10,7 +10,14 @@ import click
 
 from curate.export.mvtec import IMAGE_MODES
 
-from .options import json_option, open_context, parallel_options, workspace_of, workspace_option
+from .options import (
+    copy_option,
+    json_option,
+    open_context,
+    parallel_options,
+    workspace_of,
+    workspace_option,
+)
 from .output import emit_json, show_export, stdout
 from .review import review_push
 
@@ -40,6 +47,7 @@ def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--overwrite", is_flag=True,
                       help="Replace an earlier curate export of another manifest at --out "
                            "(one of the same manifest is replaced without it).")(fn)
+    fn = copy_option(fn)
     fn = click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
                       help="Folder to write (must be new, empty, or an earlier export with "
                            "--overwrite).")(fn)
@@ -52,7 +60,7 @@ def _export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @parallel_options
 @json_option
 def export_mvtec_cmd(manifest: str | None, out: Path, overwrite: bool, images: str,
-                     workspace: Path, jobs: int, as_json: bool) -> None:
+                     copy: bool, workspace: Path, jobs: int, as_json: bool) -> None:
     """MVTec-AD layout: <Category>/{train,test}/<label>/*.png + ground_truth masks.
 
     Kept samples only; a sample without a split goes to test, and a defective one always
@@ -70,12 +78,13 @@ def export_mvtec_cmd(manifest: str | None, out: Path, overwrite: bool, images: s
     # Writes only to --out: a reader of the workspace, it neither takes nor waits for the lock.
     with open_context(workspace, jobs=jobs, create=False, write=False) as ctx:
         report = export_mvtec(workspace_of(ctx).load(manifest), out, ctx, overwrite=overwrite,
-                              images=images)
+                              images=images, link=not copy)
     show_export(report, out, as_json)
 
 
 def _export_with_lists(fmt: str, manifest: str | None, out: Path, overwrite: bool,
-                       images: str, workspace: Path, jobs: int, as_json: bool) -> None:
+                       images: str, copy: bool, workspace: Path, jobs: int, as_json: bool
+                       ) -> None:
     """The MVTec tree and ``fmt``'s sample lists into --out, as `curate build` writes them:
     the lists name files of the tree, so a list without its tree (or beside a tree of another
     manifest) could not be loaded."""
@@ -83,7 +92,7 @@ def _export_with_lists(fmt: str, manifest: str | None, out: Path, overwrite: boo
 
     with open_context(workspace, jobs=jobs, create=False, write=False) as ctx:
         exports = export_manifest(workspace_of(ctx).load(manifest), ctx, out, [fmt],
-                                  overwrite=overwrite, images=images)
+                                  overwrite=overwrite, images=images, link=not copy)
     if as_json:
         emit_json(exports["mvtec"] | {"out": str(out), fmt: exports[fmt]})
         return
@@ -97,7 +106,7 @@ def _export_with_lists(fmt: str, manifest: str | None, out: Path, overwrite: boo
 @workspace_option
 @parallel_options
 @json_option
-def export_realnet_cmd(manifest: str | None, out: Path, overwrite: bool, images: str,
+def export_realnet_cmd(manifest: str | None, out: Path, overwrite: bool, images: str, copy: bool,
                        workspace: Path, jobs: int, as_json: bool) -> None:
     """The MVTec-AD tree plus RealNet's sample lists (realnet/train_<Category>.json, ...).
 
@@ -107,7 +116,8 @@ def export_realnet_cmd(manifest: str | None, out: Path, overwrite: bool, images:
     Example (after a review round trip):
       curate export realnet --out mtd-realnet -w ws
     """
-    _export_with_lists("realnet", manifest, out, overwrite, images, workspace, jobs, as_json)
+    _export_with_lists("realnet", manifest, out, overwrite, images, copy, workspace, jobs,
+                       as_json)
 
 
 @export_group.command("realiad")
@@ -115,7 +125,7 @@ def export_realnet_cmd(manifest: str | None, out: Path, overwrite: bool, images:
 @workspace_option
 @parallel_options
 @json_option
-def export_realiad_cmd(manifest: str | None, out: Path, overwrite: bool, images: str,
+def export_realiad_cmd(manifest: str | None, out: Path, overwrite: bool, images: str, copy: bool,
                        workspace: Path, jobs: int, as_json: bool) -> None:
     """The MVTec-AD tree plus Real-IAD's JSON lists (realiad/<Category>.json).
 
@@ -123,7 +133,8 @@ def export_realiad_cmd(manifest: str | None, out: Path, overwrite: bool, images:
     Example:
       curate export realiad --out mtd-realiad -w ws
     """
-    _export_with_lists("realiad", manifest, out, overwrite, images, workspace, jobs, as_json)
+    _export_with_lists("realiad", manifest, out, overwrite, images, copy, workspace, jobs,
+                       as_json)
 
 
 # The FiftyOne dataset is an export like the others: the same command under this group.

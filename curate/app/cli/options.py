@@ -274,3 +274,12 @@ def _command_line(ctx: click.Context) -> str:
         ctx = ctx.parent
     return " ".join(["curate", *reversed(names)])
 
+
+
+def copy_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How an export places files of the workspace's store (images a build stored as PNG,
+    masks, foregrounds): hard links by default (see curate.export.mvtec)."""
+    return click.option("--copy", is_flag=True,
+                        help="Write independent copies of the workspace's stored files instead "
+                             "of hard links to them (links take no space; the store's files "
+                             "are read-only).")(fn)
