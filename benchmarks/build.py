@@ -1,7 +1,7 @@
 """`curate build hss-iad` on a large generated MTD, against decoding every image once.
 
     .venv/bin/python benchmarks/build.py [--mtd ../shared/data/mtd] [--sizes 1000,10000]
-        [--jobs 2] [--scratch DIR]
+        [--jobs 2] [--scratch DIR] [--baseline CHECKOUT] [--repeats N]
 
 The dataset: the real MTD plus altered copies of its images (JPEG re-encoded, brightened,
 contrast-stretched, resized, cropped, flipped, blurred: curate.testing.planting), in MTD's own layout,
@@ -9,16 +9,22 @@ cut to the sizes asked for. For each size, one fresh build (a new workspace: not
 runs as a subprocess — the whole command, with its exports and dataset card — while its
 process tree's resident memory is sampled every 50 ms; then every image of the same set is
 decoded once with OpenCV on one thread, for reference. Prints wall times, their ratio, and the
-peak memory (the largest single process and the whole tree). Targets (issue 5): wall <= 2x
-the decode, peak RSS <= 2 GB and about flat between 1k and 10k images.
+peak memory (the largest single process and the whole tree), the time of each stage and the
+images the build decoded (its ``--json`` report). With ``--baseline CHECKOUT`` (another
+checkout of curate, e.g. a ``git worktree`` of an older commit) the same build runs from it
+too, on the same images, alternating with this one (``--repeats`` times each), so that old and
+new are compared side by side. Targets (issues 5 and 19): wall <= 2x the decode, peak RSS
+<= 2 GB and about flat from 10k to 100k images.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,12 +82,21 @@ def tree_rss(pid: int) -> tuple[int, int]:
     return max(values, default=0), sum(values)
 
 
-def timed_build(root: Path, scratch: Path, jobs: int) -> tuple[float, int, int]:
+def timed_build(root: Path, scratch: Path, jobs: int, checkout: Path | None = None
+                ) -> tuple[float, int, int, dict]:
+    """One fresh build (new workspace and export); (wall s, peak RSS of the largest process,
+    of the whole tree, the build's --json report). ``checkout``: run that curate instead."""
+    shutil.rmtree(scratch / "ws", ignore_errors=True)
+    shutil.rmtree(scratch / "export", ignore_errors=True)
     cmd = [sys.executable, "-m", "curate.app.cli", "build", "hss-iad", "--source", f"mtd={root}",
-           "-w", str(scratch / "ws"), "--out", str(scratch / "export"), "-j", str(jobs)]
+           "-w", str(scratch / "ws"), "--out", str(scratch / "export"), "-j", str(jobs),
+           "--json"]
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
     peaks = [0, 0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
     def sample():
         while proc.poll() is None:
@@ -91,12 +106,12 @@ def timed_build(root: Path, scratch: Path, jobs: int) -> tuple[float, int, int]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    _, err = proc.communicate()
+    out, err = proc.communicate()
     elapsed = time.perf_counter() - start
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"build failed: {err.decode()[-2000:]}")
-    return elapsed, peaks[0], peaks[1]
+    return elapsed, peaks[0], peaks[1], json.loads(out)
 
 
 def decode_all(root: Path) -> float:
@@ -113,23 +128,46 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--scratch", type=Path, default=None)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another curate checkout to run side by side (e.g. an older commit)")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     if not (args.mtd / "MT_Free").is_dir():
         sys.exit(f"MTD not found at {args.mtd}: pass --mtd")
     cv2.setNumThreads(1)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; build with --jobs {args.jobs}")
+    runs = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     for size in (int(s) for s in args.sizes.split(",")):
         scratch = Path(tempfile.mkdtemp(prefix="curate-build-", dir=args.scratch))
         try:
             n = make_dataset(args.mtd, scratch / "mtd", size)
             os.sync()
             decode_all(scratch / "mtd")  # page cache warm for both sides
-            wall, one, total = timed_build(scratch / "mtd", scratch, args.jobs)
-            decode = decode_all(scratch / "mtd")
-            print(f"  {n:>6} images: build {wall:7.2f} s, decode once {decode:6.2f} s, "
-                  f"ratio {wall / decode:5.2f}x; peak RSS largest process "
-                  f"{one / 2**20:6.0f} MiB, whole tree {total / 2**20:6.0f} MiB", flush=True)
+            results: dict[str, list] = {name: [] for name, _ in runs}
+            decodes = []
+            for _ in range(args.repeats):
+                for name, checkout in runs:
+                    results[name].append(timed_build(scratch / "mtd", scratch, args.jobs,
+                                                     checkout))
+                    decodes.append(decode_all(scratch / "mtd"))
+            decode = statistics.median(decodes)
+            print(f"  {n:>6} images: decode once {decode:6.2f} s (median of {len(decodes)})")
+            for name, _ in runs:
+                walls = [r[0] for r in results[name]]
+                wall = statistics.median(walls)
+                one = max(r[1] for r in results[name])
+                total = max(r[2] for r in results[name])
+                report = results[name][-1][3]
+                stages = ", ".join(f"{s['stage']} {s['elapsed_s']:.2f}"
+                                   for s in report["stages"] if s["stage"] != "ingest")
+                ingest = sum(s["elapsed_s"] for s in report["stages"] if s["stage"] == "ingest")
+                print(f"    {name:>8}: build {wall:7.2f} s (runs {', '.join(f'{w:.2f}' for w in walls)}), "
+                      f"ratio {wall / decode:5.2f}x; peak RSS largest process "
+                      f"{one / 2**20:6.0f} MiB, whole tree {total / 2**20:6.0f} MiB; "
+                      f"decoded {report.get('decoded', 'n/a')}; manifest {report['manifest'][:12]}",
+                      flush=True)
+                print(f"              stages: ingest {ingest:.2f}, {stages}", flush=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 from helpers import ingest, mtd_subset
@@ -34,6 +36,7 @@ from curate.core.files import sha256_bytes
 from curate.engine import facts as facts_mod
 from curate.engine.facts import (
     MAX_SEGMENTS,
+    Extractor,
     FactStore,
     Look,
     PixelDigest,
@@ -335,3 +338,40 @@ def test_an_export_links_store_files_and_copies_them_when_asked_or_it_must(
                                       str(tmp_path / "elsewhere")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert all(p.stat().st_nlink == 1 for p in (tmp_path / "elsewhere").rglob("*.png"))
+
+
+CALLS: Counter[str] = Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class Counting(Extractor):
+    """Counts its computations (inline executor: in this process)."""
+
+    name = "test.counting"
+    version = "1"
+    fields = (("pixels", pa.int64()),)
+    tag: str = ""
+
+    def compute(self, look: Look) -> dict:
+        CALLS[self.tag] += 1
+        return {"pixels": int(look.grey.size)}
+
+
+def test_an_image_gets_only_the_extractors_it_lacks(tmp_path):
+    (tmp_path / "src").mkdir()
+    rows = _rows(tmp_path / "src", [_image(k, 1) for k in range(3)], [0, 1, 2])
+    roots = {"src": str(tmp_path / "src")}
+    CALLS.clear()
+    with Context(Workspace.open(tmp_path / "ws"), progress=False) as ctx:
+        look(ctx, "t", rows[:2], roots, [Counting("a")])
+        assert CALLS == {"a": 2} and ctx.counts["decoded"] == 2
+        ctx.prefetch = [Counting("a"), Counting("c")]
+        looked = look(ctx, "t", rows, roots, [Counting("b")])
+        # b for all three; a only for the image that lacked it; c rides along on all three.
+        assert CALLS == {"a": 3, "b": 3, "c": 3} and ctx.counts["decoded"] == 5
+        sizes = [cv2.imread(str(tmp_path / "src" / r["path"]), cv2.IMREAD_UNCHANGED).size
+                 for r in rows]
+        assert looked[Counting("b")].column([r["sha256"] for r in rows], "pixels") == sizes
+        ctx.prefetch = []
+        look(ctx, "t", rows, roots, [Counting("a"), Counting("b"), Counting("c")])
+        assert CALLS == {"a": 3, "b": 3, "c": 3} and ctx.counts["decoded"] == 5

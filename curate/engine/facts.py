@@ -274,6 +274,8 @@ def _write_segment(folder: Path, table: pa.Table) -> None:
 # --------------------------------------------------------------------------- looking
 @dataclass(frozen=True)
 class LookJob:
+    """What the workers of one look run; each row names (by index) the extractors it needs."""
+
     extractors: tuple[Extractor, ...]
 
 
@@ -290,7 +292,8 @@ def look_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
                           "ingest it again")
     look = Look(data, row, env.store)
     job: LookJob = env.params
-    return {"facts": {ex.key: ex.compute(look) for ex in job.extractors if ex.wants(row)},
+    return {"facts": {ex.key: ex.compute(look)
+                      for ex in (job.extractors[k] for k in row["extractors"])},
             "decoded": look.decodes}
 
 
@@ -326,7 +329,11 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
         missing = [ex for ex in [*wanted, *extra]
                    if any(sha not in known[ex.key] and ex.wants(rows[i])
                           for sha, i in todo.items())]
-        jobs = [{c: rows[i][c] for c in LOOK_COLUMNS} for i in todo.values()]
+        # Each image gets only the extractors whose facts it lacks (and that want it).
+        jobs = [{**{c: rows[i][c] for c in LOOK_COLUMNS},
+                 "extractors": tuple(k for k, ex in enumerate(missing)
+                                     if sha not in known[ex.key] and ex.wants(rows[i]))}
+                for sha, i in todo.items()]
         env = ctx.env(stage, LookJob(tuple(missing)), roots)
         results = ctx.map(look_sample, jobs, env, desc or f"{stage}: looking")
         new: dict[str, dict[str, dict[str, Any]]] = {ex.key: {} for ex in missing}
@@ -336,8 +343,7 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
                 continue
             ctx.counts["decoded"] += res["decoded"]
             for key, values in res["facts"].items():
-                if sha not in known[key]:
-                    new[key][sha] = values
+                new[key][sha] = values
         for ex in missing:
             store.add(ex, new[ex.key], persist=ctx.persist_facts)
             known[ex.key] = store.read(ex)

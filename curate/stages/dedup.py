@@ -1,15 +1,17 @@
 """dedup: exact and near duplicates, across every source of a manifest.
 
-Every kept image is decoded once, grey, to get its perceptual hash (pHash by default; dHash or
-wHash selectable) — under flips or all eight square symmetries with ``transforms`` — its
-sharpness and an 8x8 thumbnail. ``decode="full"`` (default) decodes as imagehash does (Pillow,
-every pixel), so the hashes are imagehash's bit for bit; ``decode="reduced"`` lets libjpeg
-decode JPEGs at 1/2 to 1/8 scale (keeping >= 32 px a side), about 1.5x faster end to end, at
-hashes a median 2 bits from imagehash's on MTD (96% within 8), which cost under 1% recall on
-planted duplicates. Then:
+Decisions over per-image facts (:mod:`curate.engine.facts`): the look that decodes each image
+once gives its perceptual hash (pHash by default; dHash or wHash selectable) — under flips or
+all eight square symmetries with ``transforms`` —, its sharpness, an 8x8 thumbnail and the
+digest of its pixels; facts already known (an earlier build over the same images) are not
+computed again. ``decode="full"`` (default) hashes the full decode converted to grey as Pillow
+converts it, so the hashes are imagehash's bit for bit; ``decode="reduced"`` lets libjpeg decode
+JPEGs at 1/2 to 1/8 scale (keeping >= 32 px a side), a second, cheaper decode, at hashes a
+median 2 bits from imagehash's on MTD (96% within 8), which cost under 1% recall on planted
+duplicates. Then:
 
-- **exact duplicates**: identical bytes (same sha256), or identical decoded pixels — checked
-  with a full decode only for pairs that could be: near duplicates of the same size whose 8x8
+- **exact duplicates**: identical bytes (same sha256), or identical decoded pixels — compared
+  (by pixel digest) only for pairs that could be: near duplicates of the same size whose 8x8
   thumbnails agree within 3 grey levels (another exposure of one object never does);
 - **near duplicates**: hashes within ``radius`` bits, found by the exact sub-quadratic search
   of ``curate.imaging.hamming`` (for transforms: each image's turned hashes against the plain ones).

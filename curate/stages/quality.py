@@ -1,6 +1,7 @@
 """quality: drop images too small, blurred, over- or under-exposed, or without contrast.
 
-Every check records its measured value (``measures``: ``quality.sharpness``, ``quality.blur_z``,
+Decisions over per-image facts (:mod:`curate.engine.facts`: the grey image's statistics, from the
+decode every stage shares). Every check records its measured value (``measures``: ``quality.sharpness``, ``quality.blur_z``,
 ``quality.dark_fraction``, ``quality.bright_fraction``, ``quality.contrast``) and, when it fails,
 a reason code whose detail gives the value and the limit:
 
