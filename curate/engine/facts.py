@@ -101,6 +101,8 @@ class Extractor(abc.ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     fields: ClassVar[tuple[tuple[str, pa.DataType], ...]]
+    #: What it looks at: "image" here; mask facts (curate.engine.mask_facts) say "mask".
+    kind: ClassVar[str] = "image"
 
     @abc.abstractmethod
     def compute(self, look: Look) -> dict[str, Any]:
@@ -291,7 +293,7 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
     Decodes are added to ``ctx.counts["decoded"]``."""
     store: FactStore = ctx.workspace.facts
     wanted = list(dict.fromkeys(extractors))
-    extra = [ex for ex in dict.fromkeys(ctx.prefetch) if ex not in wanted]
+    extra = [ex for ex in dict.fromkeys(ctx.prefetch) if ex not in wanted and ex.kind == "image"]
     known = {ex.key: store.read(ex) for ex in [*wanted, *extra]}
     todo: dict[str, int] = {}  # image sha256 -> the first row that shows it
     for i, row in enumerate(rows):
