@@ -101,6 +101,8 @@ class Extractor(abc.ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     fields: ClassVar[tuple[tuple[str, pa.DataType], ...]]
+    #: What it looks at: "image" here; mask facts (curate.engine.mask_facts) say "mask".
+    kind: ClassVar[str] = "image"
 
     @abc.abstractmethod
     def compute(self, look: Look) -> dict[str, Any]:
@@ -317,7 +319,8 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
     Decodes are added to ``ctx.counts["decoded"]``."""
     store: FactStore = ctx.workspace.facts
     wanted = list(dict.fromkeys(extractors))
-    extra = [ex for ex in dict.fromkeys(ctx.prefetch) if ex not in wanted]
+    extra = [ex for ex in dict.fromkeys(ctx.prefetch)
+             if ex not in wanted and ex.kind == "image"]  # (mask facts: mask_facts.look_masks)
     known = {ex.key: store.read(ex) for ex in [*wanted, *extra]}
     todo: dict[str, int] = {}  # image sha256 -> the first row that shows it
     for i, row in enumerate(rows):
@@ -350,14 +353,14 @@ def look(ctx: Context, stage: str, rows: Sequence[dict[str, Any]], roots: dict[s
     if ctx.persist_facts:
         for ex in wanted:  # facts an earlier dry run found, kept now
             store.flush(ex)
-    failed = {}
+    failed: dict[int, dict[str, Any]] = {}
     for i, row in enumerate(rows):
-        res = failed_by_sha.get(row["sha256"])
-        if res is not None:
+        bad = failed_by_sha.get(row["sha256"])
+        if bad is not None:
             # The runner's reason names the row that was read ("path: why"); another row with
             # the same bytes fails the same way, under its own name.
             read = rows[todo[row["sha256"]]]["path"]
             failed[i] = {"drop": [(code, row["path"] + detail[len(read):]
                                    if detail.startswith(f"{read}: ") else detail)
-                                  for code, detail in res["drop"]]}
+                                  for code, detail in bad["drop"]]}
     return Looked({ex.key: known[ex.key] for ex in wanted}, failed)

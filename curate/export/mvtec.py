@@ -72,6 +72,7 @@ from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_byte
 from curate.core.manifest import GOOD, KEPT, Manifest
 from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.facts import StoredPng
+from curate.engine.mask_facts import MaskStats, look_masks
 from curate.engine.runner import Context, SampleEnv
 from curate.export.staging import staged, write_failure
 from curate.imaging.io import decode, encode_png
@@ -153,24 +154,33 @@ def _has_masks(kept: list[dict[str, Any]]) -> bool:
     return any(LABELS_MASK_FRACTION in r["measures"] or "mask" in r["artifacts"] for r in kept)
 
 
-def mask_is_usable(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Whether a defective sample's mask marks at least one defect pixel (else the reason,
-    which the report and the CLI show beside the sample's path)."""
-    if "mask" not in row["artifacts"]:
-        return {"unusable": f"labelled {row['label']!r} but has no mask"}
-    if not env.store.read_mask(row["artifacts"]["mask"]).any():
-        return {"unusable": f"labelled {row['label']!r} but its mask is empty"}
-    return {}
-
-
-def _unusable(defects: list[dict[str, Any]], manifest: Manifest, ctx: Context
-              ) -> dict[str, str]:
-    """sample id -> why, for the defective rows without a usable mask."""
-    env = ctx.env("export", None, manifest.roots)
-    results = ctx.map(mask_is_usable, defects, env, "export: masks")
-    _raise_failures(results)
-    return {row["sample_id"]: res["unusable"]
-            for row, res in zip(defects, results, strict=True) if "unusable" in res}
+def _unusable(defects: list[dict[str, Any]], ctx: Context) -> dict[str, str]:
+    """sample id -> why, for the defective rows without a usable mask: none, or one without a
+    defect pixel (by the mask's facts, :mod:`curate.engine.mask_facts`: no mask is decoded
+    when ``labels`` recorded them). The reason is what the report and the CLI show beside the
+    sample's path."""
+    stats = MaskStats()
+    keys = [row["artifacts"].get("mask") for row in defects]
+    # An export only reads the workspace (it takes no lock): facts it has to compute are kept
+    # in memory, not written.
+    persist, ctx.persist_facts = ctx.persist_facts, False
+    try:
+        looked = look_masks(ctx, "export", [k for k in keys if k is not None], [stats],
+                            desc="export: masks")
+    finally:
+        ctx.persist_facts = persist
+    # Stop at the first defect (in export order) whose mask cannot be read, naming it.
+    _raise_failures([{"drop": looked.drop(key, row["path"])}
+                     for row, key in zip(defects, keys, strict=True) if key in looked.failed])
+    known = [k for k in dict.fromkeys(keys) if k is not None]
+    pixels = dict(zip(known, looked[stats].column(known, "pixels"), strict=True))
+    unusable = {}
+    for row, key in zip(defects, keys, strict=True):
+        if key is None:
+            unusable[row["sample_id"]] = f"labelled {row['label']!r} but has no mask"
+        elif pixels[key] == 0:
+            unusable[row["sample_id"]] = f"labelled {row['label']!r} but its mask is empty"
+    return unusable
 
 
 def _plan(manifest: Manifest, images: str, ctx: Context
@@ -181,7 +191,7 @@ def _plan(manifest: Manifest, images: str, ctx: Context
     if kept and not _has_masks(kept):
         raise CurateError(f"manifest {manifest.id} has no masks yet: run `curate labels` on it "
                           "before exporting")
-    unusable = _unusable([r for r in kept if (r["label"] or GOOD) != GOOD], manifest, ctx)
+    unusable = _unusable([r for r in kept if (r["label"] or GOOD) != GOOD], ctx)
     skipped = [{"sample_id": r["sample_id"], "path": r["path"], "why": unusable[r["sample_id"]]}
                for r in sorted(kept, key=lambda r: (r["source"], r["path"]))
                if r["sample_id"] in unusable]

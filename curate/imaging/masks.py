@@ -30,8 +30,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import shapely
+from PIL import Image
 from shapely.geometry import Polygon
 
 from curate.core.errors import stable_text
@@ -190,6 +192,23 @@ def check_polygon_inside(points: Sequence[Sequence[float]], height: int, width: 
                               "annotation_out_of_bounds")
     if Polygon(pts).area == 0:
         raise AnnotationError("polygon has zero area")
+
+
+# --------------------------------------------------------------------------- measuring masks
+def pixels_at_train_size(mask: np.ndarray, size: int) -> int:
+    """Defect pixels left after resizing to size x size as detectors do (bilinear, > 0.5)."""
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size),
+                                                               Image.Resampling.BILINEAR)
+    return int(np.count_nonzero(np.asarray(small) > 127))
+
+
+def count_components(mask: np.ndarray) -> int:
+    """Defect regions of a binary mask: its 8-connected components (pixels touching by an
+    edge or a corner are one region, as an annotator draws one blob)."""
+    if not mask.any():
+        return 0
+    count, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return int(count) - 1  # label 0 is the background
 
 
 # --------------------------------------------------------------------------- mask files

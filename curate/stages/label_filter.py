@@ -1,7 +1,9 @@
 """label_filter: the HSS-IAD "zero-image check" and label refinement, one reason code per rule.
 
-Run after ``labels`` (it reads the masks the labels stage stored). Each rule records what it
-measured in its detail, and drops the sample or flags it for review (kept) as ``actions`` says:
+Run after ``labels``: it judges the masks the labels stage stored by their facts
+(:mod:`curate.engine.mask_facts`: recorded by ``labels``, else decoded once here). Each rule
+records what it measured in its detail, and drops the sample or flags it for review (kept) as
+``actions`` says:
 
 - ``defect_without_mask``: a defective image (label other than ``good``) with an empty mask, or
   with no mask at all. (On the real MTD: exactly the four ``MT_Uneven`` images whose masks are
@@ -30,13 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from curate.core.manifest import GOOD, Manifest
 from curate.core.measures import LABEL_FILTER_MASK_PIXELS, LABEL_FILTER_TRAIN_PIXELS
-from curate.engine.runner import Context, SampleEnv, Stage, map_kept
+from curate.engine.facts import Extractor
+from curate.engine.mask_facts import MaskAtSize, MaskStats, look_masks
+from curate.engine.runner import Context, Stage, kept_rows
 from curate.stages.quality import robust_z
 
+#: The row columns the rules read (besides the mask's facts).
+COLUMNS = ("path", "label", "category", "height", "width", "artifacts")
 RULES = ("defect_without_mask", "mask_vanishes", "mask_too_small", "good_with_mask",
          "mask_oversize", "mask_size_mismatch")
 DEFAULT_ACTIONS = {"defect_without_mask": "drop", "mask_vanishes": "drop",
@@ -70,30 +75,23 @@ class LabelFilterParams:
         return self.actions.get(rule, DEFAULT_ACTIONS[rule])
 
 
-def pixels_at_train_size(mask: np.ndarray, size: int) -> int:
-    """Defect pixels left after resizing to size x size as detectors do (bilinear, > 0.5)."""
-    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size),
-                                                               Image.Resampling.BILINEAR)
-    return int(np.count_nonzero(np.asarray(small) > 127))
-
-
-def inspect_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    """Findings for one sample: a list of (rule, detail) and the measures."""
-    p: LabelFilterParams = env.params
-    key = row["artifacts"].get("mask")
+def inspect(row: dict[str, Any], stats: dict[str, Any] | None, at_size: int | None,
+            p: LabelFilterParams) -> dict[str, Any]:
+    """Findings for one sample: a list of (rule, detail) and the measures, from the facts of
+    its mask (``stats``: :class:`MaskStats`, None when it has no mask; ``at_size``: defect
+    pixels left at ``train_size``)."""
     is_defect = row["label"] != GOOD
-    if key is None:
+    if stats is None:
         if is_defect:
             return {"findings": [("defect_without_mask",
                                   f"{row['path']}: labelled {row['label']!r} but has no mask")]}
         return {}
-    mask = env.store.read_mask(key)
-    pixels = int(np.count_nonzero(mask))
+    pixels = stats["pixels"]
     measures: dict[str, Any] = {LABEL_FILTER_MASK_PIXELS: pixels}
     findings = []
-    if mask.shape != (row["height"], row["width"]):
+    if (stats["height"], stats["width"]) != (row["height"], row["width"]):
         findings.append(("mask_size_mismatch",
-                         f"{row['path']}: mask is {mask.shape[1]}x{mask.shape[0]}, image "
+                         f"{row['path']}: mask is {stats['width']}x{stats['height']}, image "
                          f"{row['width']}x{row['height']}"))
         return {"findings": findings, "measures": measures}
     if not is_defect:
@@ -105,15 +103,14 @@ def inspect_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
         findings.append(("defect_without_mask",
                          f"{row['path']}: labelled {row['label']!r} but its mask is empty"))
         return {"findings": findings, "measures": measures}
-    left = pixels_at_train_size(mask, p.train_size)
-    measures[LABEL_FILTER_TRAIN_PIXELS] = left
-    if left == 0:
+    measures[LABEL_FILTER_TRAIN_PIXELS] = at_size
+    if at_size == 0:
         findings.append(("mask_vanishes", f"{row['path']}: its {pixels}-pixel mask leaves no "
                                           f"pixel at {p.train_size}x{p.train_size}"))
     if pixels < p.min_pixels:
         findings.append(("mask_too_small", f"{row['path']}: {pixels} defect pixels (limit "
                                            f"{p.min_pixels})"))
-    fraction = pixels / mask.size
+    fraction = pixels / (stats["height"] * stats["width"])
     limit = p.max_fraction_by_category.get(row["category"], p.max_fraction)
     if fraction > limit:
         findings.append(("mask_oversize", f"{row['path']}: mask covers {fraction:.1%} of the "
@@ -126,10 +123,31 @@ class LabelFilter(Stage[LabelFilterParams]):
     version = "1"
     Params = LabelFilterParams
 
+    def facts(self, params: LabelFilterParams) -> list[Extractor]:
+        return [MaskStats(), MaskAtSize(params.train_size)]
+
     def run(self, inputs: list[Manifest], params: LabelFilterParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        rows, kept, results = map_kept(self, manifest, params, ctx, inspect_sample, desc="label filter")
-        self._robust_oversize(rows, kept, results, params)
+        kept, rows = kept_rows(manifest, COLUMNS)
+        stats, at_size = wanted = [MaskStats(), MaskAtSize(params.train_size)]
+        keys = [row["artifacts"].get("mask") for row in rows]
+        looked = look_masks(ctx, self.name, [k for k in keys if k is not None], wanted,
+                            desc="label filter")
+        # Each mask's facts once (identical masks share a key), then each row judged by them.
+        known = [k for k in dict.fromkeys(keys) if k is not None and k not in looked.failed]
+        facts: dict[str, tuple[dict[str, Any], int]] = {
+            key: (record, left) for key, record, left in zip(
+                known, looked[stats].take(known).to_pylist(),
+                looked[at_size].column(known, "pixels"), strict=True)}
+        results: list[dict[str, Any]] = []
+        for row, key in zip(rows, keys, strict=True):
+            if key is None:
+                results.append(inspect(row, None, None, params))
+            elif key in looked.failed:  # the mask could not be read
+                results.append({"drop": looked.drop(key, row["path"])})
+            else:
+                results.append(inspect(row, *facts[key], params))
+        self._robust_oversize(rows, results, params)
         changes = []
         for i, res in zip(kept, results, strict=True):
             update: dict[str, Any] = {"measures": res.get("measures", {})}
@@ -142,12 +160,13 @@ class LabelFilter(Stage[LabelFilterParams]):
         return self.output_updates(manifest, changes, params, ctx)
 
     @staticmethod
-    def _robust_oversize(rows, kept, results, params: LabelFilterParams) -> None:
-        """Add mask_oversize for masks whose log area is a robust outlier in their category."""
+    def _robust_oversize(rows, results, params: LabelFilterParams) -> None:
+        """Add mask_oversize for masks whose log area is a robust outlier in their category
+        (``results``: the findings of ``rows``, the kept rows)."""
         by_category: dict[str, list[int]] = {}
         for k, res in enumerate(results):
             if "fraction" in res:
-                by_category.setdefault(rows[kept[k]]["category"], []).append(k)
+                by_category.setdefault(rows[k]["category"], []).append(k)
         for category, members in by_category.items():
             if len(members) < params.min_category:
                 continue
@@ -156,6 +175,6 @@ class LabelFilter(Stage[LabelFilterParams]):
                 findings = results[k]["findings"]
                 if z > params.oversize_z and not any(r == "mask_oversize" for r, _ in findings):
                     findings.append(("mask_oversize", (
-                        f"{rows[kept[k]]['path']}: mask covers {results[k]['fraction']:.1%} of "
+                        f"{rows[k]['path']}: mask covers {results[k]['fraction']:.1%} of "
                         f"the image, {z:.1f} robust deviations above the median of {category} "
                         f"(limit {params.oversize_z:g})")))

@@ -16,6 +16,10 @@ declaring more than ``curate.imaging.io.MAX_PIXELS`` pixels), a mask whose size 
 image's (checked from its header, before decoding), a malformed RLE, an RLE running past the
 image, and a box or polygon outside the image each drop the sample with their own reason code,
 whose detail names the file.
+
+The stage holds each mask it stores, so it records the mask's facts by store key right there
+(:mod:`curate.engine.mask_facts`: ``MaskStats``, and the mask facts later stages asked for
+through ``ctx.prefetch``): ``label_filter`` and the export then decode no mask.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ import numpy as np
 
 from curate.core.manifest import GOOD, Manifest
 from curate.core.measures import LABELS_GREY_PIXELS, LABELS_MASK_FRACTION, LABELS_THRESHOLD
+from curate.engine.mask_facts import (
+    MaskExtractor,
+    MaskStats,
+    add_mask_facts,
+    compute_mask_facts,
+    mask_facts,
+)
 from curate.engine.runner import Context, SampleEnv, Stage, Update, map_updates
 from curate.imaging.masks import (
     AnnotationError,
@@ -59,11 +70,26 @@ class LabelsParams:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
 
+@dataclass(frozen=True)
+class LabelsJob:
+    """What each sample's function gets as ``env.params``: the parameters, and the mask facts
+    to record for each union mask it stores."""
+
+    params: LabelsParams
+    facts: tuple[MaskExtractor, ...]
+
+
+#: The update key that carries a stored mask's facts (mask key -> extractor key -> values)
+#: back to :meth:`Labels.run`, which keeps them and strips the key before the update is applied.
+FACTS = "mask_facts"
+
+
 def _mask_from_file(row: dict[str, Any], env: SampleEnv, height: int, width: int,
                     update: Update) -> np.ndarray | None:
     rel = row["annotation"]["mask"]
     try:
-        read = read_mask(env.read_source(row, rel), env.params.threshold, (height, width))
+        read = read_mask(env.read_source(row, rel), env.params.params.threshold,
+                         (height, width))
     except AnnotationError as exc:
         update["drop"] = [(exc.code, f"mask {rel} {exc}")]
         return None
@@ -90,7 +116,7 @@ def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
             return update
         classes = row["defect_classes"] or ["defect"]
         add(classes[0] if len(classes) == 1 else "defect", mask)
-    tol = env.params.tolerance
+    tol = env.params.params.tolerance
     where = ann.get("file", row["path"])
     try:
         for rle in ann.get("rle", []):
@@ -111,6 +137,8 @@ def rasterize_sample(row: dict[str, Any], env: SampleEnv) -> Update:
     update["measures"][LABELS_MASK_FRACTION] = float(union.mean()) if union.size else 0.0
     if by_class and (row["label"] != GOOD or union.any()):
         artifacts = {"mask": env.store.put_mask(union)}
+        update[FACTS] = {artifacts["mask"]: compute_mask_facts(
+            artifacts["mask"], union, env.store, env.params.facts)}
         if len(by_class) > 1:
             for cls, mask in sorted(by_class.items()):
                 artifacts[f"mask:{cls}"] = env.store.put_mask(mask)
@@ -125,5 +153,11 @@ class Labels(Stage[LabelsParams]):
 
     def run(self, inputs: list[Manifest], params: LabelsParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        updates = map_updates(self, manifest, params, ctx, rasterize_sample)
+        extractors = tuple(mask_facts([MaskStats(), *ctx.prefetch]))
+        updates = map_updates(self, manifest, LabelsJob(params, extractors), ctx,
+                              rasterize_sample)
+        facts: dict[str, dict[str, dict[str, Any]]] = {}
+        for _, update in updates:
+            facts.update(update.pop(FACTS, {}))
+        add_mask_facts(ctx, extractors, facts)
         return self.output_updates(manifest, updates, params, ctx)
