@@ -194,6 +194,9 @@ class Reclassify(Stage[ReclassifyParams]):
     version = "2"
     Params = ReclassifyParams
 
+    def facts(self, params: ReclassifyParams) -> list[Extractor]:
+        return [casting_facts(params)]
+
     def recorded_params(self, params: ReclassifyParams) -> dict[str, Any]:
         recorded = params_dict(params)
         if params.overrides:
