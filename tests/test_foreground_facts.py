@@ -11,6 +11,7 @@ from helpers import by_path, ingest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from curate.app.demo import run_demo
 from curate.core.manifest import Manifest
 from curate.engine.runner import Context, run_stage
 from curate.engine.workspace import Workspace
@@ -54,7 +55,7 @@ def decoded_by(ctx: Context, stage, manifest: Manifest, params) -> tuple[Manifes
 
 def test_same_manifests_whether_the_facts_were_prefetched_or_not(ctx, sources, tmp_path):
     # As a build does: quality's look computes foreground's and reclassify's facts too.
-    ctx.prefetch = [otsu_facts(FOREGROUND), casting_facts(RECLASSIFY)]
+    ctx.prefetch = [*Foreground().facts(FOREGROUND), *Reclassify().facts(RECLASSIFY)]
     m = run_stage(Quality(), [merged(ctx, sources)], QualityParams(), ctx).manifest
     castings = sum(r["category"] == "Casting" for r in m.rows())
     assert ctx.counts["decoded"] == m.header["counts"]["kept"]  # each image once, castings too
@@ -119,6 +120,16 @@ def test_a_second_run_with_other_decisions_decodes_nothing(workspace, sources, t
     assert not fg.from_cache and not rc.from_cache  # both decided again
     assert fg.flagged  # the stricter confidence flags some masks, from the stored facts
     assert by_path(rc.manifest)[sample["path"]]["category"] == "Casting_C2"
+
+
+def test_a_build_decodes_each_image_once(ctx, tmp_path):
+    # The demo's recipe: dedup looks first and computes foreground's and reclassify's facts
+    # (and the export's PNGs) from the same decode.
+    result = run_demo(ctx, tmp_path / "demo", mtd=None)
+    assert result.problems == []
+    assert ctx.counts["decoded"] == result.build.manifest.header["counts"]["kept"]
+    stages = [r.stage for r in result.build.stages]
+    assert stages.index("dedup") < stages.index("foreground") < stages.index("reclassify")
 
 
 @given(policy=st.dictionaries(st.sampled_from(sorted(HSS_IAD_POLICY) + ["Other"]),
