@@ -151,5 +151,5 @@ def test_casting_facts_are_keyed_by_their_parameters_only(category, contrast):
 
 
 def test_casting_facts_are_keyed_by_value_not_by_type():
-    assert casting_facts(ReclassifyParams(hole_contrast=40, machined_std=6)) == \
-        casting_facts(RECLASSIFY) == CastingFacts(40.0, 150, 6.0)
+    facts = casting_facts(ReclassifyParams(hole_contrast=40, machined_std=6))
+    assert facts.key == casting_facts(RECLASSIFY).key == CastingFacts(40.0, 150.0, 6.0).key

@@ -90,7 +90,7 @@ class CastingFacts(Extractor):
     version = "1"
     fields = (("holes", pa.int64()), ("machined", pa.float64()), ("clutter", pa.float64()))
     hole_contrast: float
-    machined_level: int
+    machined_level: float
     machined_std: float
     #: Which images want the features, not how they are computed.
     category: str = field(default="Casting", metadata=WANTS_ONLY)
@@ -103,8 +103,9 @@ class CastingFacts(Extractor):
 
 
 def casting_facts(p: ReclassifyParams) -> CastingFacts:
-    # Normalised types: 40 and 40.0 are one parameter, and so one fact key.
-    return CastingFacts(float(p.hole_contrast), int(p.machined_level), float(p.machined_std),
+    # As floats (the features compare them with float grey levels): 40 and 40.0 are one
+    # parameter, and so one fact key.
+    return CastingFacts(float(p.hole_contrast), float(p.machined_level), float(p.machined_std),
                         p.category)
 
 
