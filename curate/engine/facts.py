@@ -92,11 +92,18 @@ class Look:
 
 
 # --------------------------------------------------------------------------- extractors
+#: Metadata of an extractor field that only says which images want the fact (the categories
+#: :meth:`Extractor.wants` reads), not how it is computed: left out of the key, so that a fact
+#: found for an image is reused whichever stage or policy asked for it.
+WANTS_ONLY = {"wants_only": True}
+
+
 @dataclass(frozen=True)
 class Extractor(abc.ABC):
     """A fact about one image. Subclasses are frozen dataclasses (their fields are the
-    parameters, part of the key), with a ``name``, a ``version`` (bump it when the computation
-    changes) and ``fields``: the Arrow type of each value :meth:`compute` returns."""
+    parameters, part of the key, except those marked :data:`WANTS_ONLY`), with a ``name``, a
+    ``version`` (bump it when the computation changes) and ``fields``: the Arrow type of each
+    value :meth:`compute` returns."""
 
     name: ClassVar[str]
     version: ClassVar[str]
@@ -116,8 +123,10 @@ class Extractor(abc.ABC):
 
     @cached_property
     def key(self) -> str:
-        """Folder name of its facts: name, version and a digest of the parameters."""
-        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Folder name of its facts: name, version and a digest of the parameters (not of the
+        :data:`WANTS_ONLY` fields)."""
+        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if not f.metadata.get("wants_only")}
         return f"{self.name}-{self.version}-{content_hash(params)[:12]}"
 
     @cached_property

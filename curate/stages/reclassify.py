@@ -16,6 +16,11 @@ Three measurable features per image, recorded in ``measures``:
 - ``reclassify.clutter``: interference — Canny edge density on the lightly smoothed image,
   outside the holes found.
 
+The features are per-image facts (:class:`CastingFacts`, :mod:`curate.engine.facts`) of the
+grey image the look converts as Pillow does: a build computes them from the decode its first
+look makes anyway, so the stage itself reads no pixels, and changing the rule's thresholds or
+the override file decodes nothing.
+
 Rule, in order: at least ``min_holes_c2`` holes on a machined face (machined fraction at least
 ``machined_c2``) → C2; else clutter at least ``clutter_c3`` → C3; else machined fraction at
 least ``machined_c1`` → C1; else C3 (interference, little machined surface). The defaults were set on
@@ -30,12 +35,14 @@ Only samples of the ``category`` (default ``Casting``) are touched; their catego
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import yaml
 
 from curate.core.errors import CurateError, stable_text
@@ -47,15 +54,8 @@ from curate.core.measures import (
     RECLASSIFY_NOTE,
     RECLASSIFY_RULE,
 )
-from curate.engine.runner import (
-    Context,
-    SampleEnv,
-    Stage,
-    map_updates,
-    params_dict,
-    recorded_file,
-)
-from curate.imaging.io import decode
+from curate.engine.facts import LOOK_COLUMNS, WANTS_ONLY, Extractor, Look, look
+from curate.engine.runner import Context, Stage, kept_rows, params_dict, recorded_file
 
 CLASSES = ("C1", "C2", "C3")
 
@@ -81,7 +81,35 @@ class CastingFeatures:
     clutter: float
 
 
-def casting_features(grey: np.ndarray, p: ReclassifyParams) -> CastingFeatures:
+@dataclass(frozen=True)
+class CastingFacts(Extractor):
+    """The three features of one image of the category being split, with the parameters
+    :func:`casting_features` reads (the rule's thresholds are decisions, not facts)."""
+
+    name = "reclassify.casting"
+    version = "1"
+    fields = (("holes", pa.int64()), ("machined", pa.float64()), ("clutter", pa.float64()))
+    hole_contrast: float
+    machined_level: float
+    machined_std: float
+    #: Which images want the features, not how they are computed.
+    category: str = field(default="Casting", metadata=WANTS_ONLY)
+
+    def wants(self, row: dict[str, Any]) -> bool:
+        return row["category"] == self.category
+
+    def compute(self, look: Look) -> dict[str, Any]:
+        return dataclasses.asdict(casting_features(look.grey, self))
+
+
+def casting_facts(p: ReclassifyParams) -> CastingFacts:
+    # As floats (the features compare them with float grey levels): 40 and 40.0 are one
+    # parameter, and so one fact key.
+    return CastingFacts(float(p.hole_contrast), float(p.machined_level), float(p.machined_std),
+                        p.category)
+
+
+def casting_features(grey: np.ndarray, p: CastingFacts) -> CastingFeatures:
     side = min(grey.shape)
     smooth = cv2.GaussianBlur(grey, (0, 0), 1.5)
     r_min, r_max = max(3, int(0.04 * side)), max(4, int(0.15 * side))
@@ -143,24 +171,13 @@ def load_overrides(path: str) -> dict[str, dict[str, str]]:
     return out
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What the workers get: the parameters and the overrides already read."""
-
-    params: ReclassifyParams
-    overrides: dict[str, dict[str, str]]
-
-
-def reclassify_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    p: ReclassifyParams = env.params.params
-    if row["category"] != p.category:
-        return {}
-    grey = decode(env.read_source(row), grayscale=True)
-    f = casting_features(grey, p)
+def decide(sample_id: str, f: CastingFeatures, p: ReclassifyParams,
+           overrides: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """A sample's class (by the override file, else by the rule) and the measures behind it."""
     measures: dict[str, Any] = {RECLASSIFY_HOLES: f.holes,
                                 RECLASSIFY_MACHINED: f.machined,
                                 RECLASSIFY_CLUTTER: f.clutter}
-    override = env.params.overrides.get(row["sample_id"])
+    override = overrides.get(sample_id)
     if override is not None:
         cls = override["class"]
         measures |= {RECLASSIFY_RULE: "override", RECLASSIFY_NOTE: override["note"]}
@@ -172,8 +189,14 @@ def reclassify_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
 
 class Reclassify(Stage[ReclassifyParams]):
     name = "reclassify"
-    version = "1"
+    #: 2: the features are taken from the look's grey (Pillow's conversion of the full decode)
+    #: instead of libjpeg's own grey decode; the two differ only where colour clips (a grey
+    #: level or more on saturated pixels), so outputs cached under 1 are not reused.
+    version = "2"
     Params = ReclassifyParams
+
+    def facts(self, params: ReclassifyParams) -> list[Extractor]:
+        return [casting_facts(params)]
 
     def recorded_params(self, params: ReclassifyParams) -> dict[str, Any]:
         recorded = params_dict(params)
@@ -185,10 +208,20 @@ class Reclassify(Stage[ReclassifyParams]):
     def run(self, inputs: list[Manifest], params: ReclassifyParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
         overrides = load_overrides(params.overrides) if params.overrides else {}
-        known = {r["sample_id"] for r in manifest.rows() if r["category"] == params.category}
+        ids, categories = manifest.column_values("sample_id"), manifest.column_values("category")
+        known = {i for i, c in zip(ids, categories, strict=True) if c == params.category}
         stray = sorted(set(overrides) - known)
         if stray:
             raise CurateError(f"{params.overrides}: no {params.category} sample with id "
                               f"{', '.join(stray[:5])} in manifest {manifest.id}")
-        updates = map_updates(self, manifest, _Job(params, overrides), ctx, reclassify_sample)
-        return self.output_updates(manifest, updates, params, ctx)
+        positions, rows = kept_rows(manifest, LOOK_COLUMNS)
+        features = casting_facts(params)
+        looked = look(ctx, self.name, rows, manifest.roots, [features], desc="reclassify")
+        split = [k for k, row in enumerate(rows) if features.wants(row) and k not in looked.failed]
+        records = looked[features].take([rows[k]["sha256"] for k in split]).to_pylist()
+        updates = {k: decide(rows[k]["sample_id"], CastingFeatures(
+                       record["holes"], record["machined"], record["clutter"]), params, overrides)
+                   for k, record in zip(split, records, strict=True)}
+        updates.update(looked.failed)
+        return self.output_updates(manifest, [(positions[k], updates[k]) for k in sorted(updates)],
+                                   params, ctx)

@@ -11,7 +11,9 @@ Stored as artifact ``foreground`` (a 0/255 PNG of the image's size), with
   image, the polarity whose foreground touches the image border least, a morphological
   closing and opening, the largest connected component, holes filled; the confidence is
   Otsu's separability (between-class over total variance), which is near 1 for a clean
-  bimodal image and near 0 for a featureless one.
+  bimodal image and near 0 for a featureless one. An object's mask is a per-image fact
+  (:class:`OtsuFacts`, :mod:`curate.engine.facts`): a build computes it from the decode its
+  first look makes anyway, and it is kept by content, so no image is decoded for it again.
 - ``isnet``: IS-Net (DIS, ``curate.stages.foreground.isnet``) with the official ``isnet-general-use.pth`` weights
   from a path the user gives; the sigmoid output is thresholded at an *absolute* 0.5 (the
   official per-image min-max would turn a blank image into a full-range map).
@@ -20,21 +22,24 @@ Stored as artifact ``foreground`` (a 0/255 PNG of the image's size), with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
 from curate.core.errors import CurateError
 from curate.core.manifest import Manifest
 from curate.core.measures import FOREGROUND_CONFIDENCE, FOREGROUND_FRACTION
 from curate.core.optional import require
+from curate.engine.facts import LOOK_COLUMNS, WANTS_ONLY, Extractor, Look, look
 from curate.engine.runner import (
     Context,
     SampleEnv,
     Stage,
+    kept_rows,
     map_updates,
     params_dict,
     recorded_file,
@@ -108,42 +113,67 @@ def _isnet(weights: str, device: str):
     return isnet.load_isnet(weights).to(device)
 
 
-@cache
-def _whole_frame(store_root: str, height: int, width: int) -> str:
-    """Store key of an all-foreground mask of this size (one per size, not one per image)."""
-    from curate.engine.store import Store
+@dataclass(frozen=True)
+class OtsuFacts(Extractor):
+    """The classical backend's mask of one object image (:func:`otsu_foreground`), in the
+    store, with its foreground fraction and confidence. Only images of the policy's object
+    categories want it: textures get the whole frame without being looked at."""
 
-    return Store(store_root).put_mask(np.ones((height, width), bool))
+    name = "foreground.otsu"
+    version = "1"
+    fields = (("mask", pa.string()), ("fraction", pa.float64()), ("confidence", pa.float64()))
+    #: The policy (sorted (category, policy) pairs) and the default: which images want a mask,
+    #: not how it is computed, so a mask found under one policy serves another.
+    policy: tuple[tuple[str, str], ...] = field(default=(), metadata=WANTS_ONLY)
+    default_policy: str = field(default=TEXTURE, metadata=WANTS_ONLY)
+
+    @cached_property
+    def _policy(self) -> dict[str, str]:
+        return dict(self.policy)
+
+    def wants(self, row: dict[str, Any]) -> bool:
+        return self._policy.get(row["category"], self.default_policy) == OBJECT
+
+    def compute(self, look: Look) -> dict[str, Any]:
+        pixels = look.pixels
+        # OpenCV's conversion, as this backend has always made it, not the look's Pillow grey:
+        # the two differ by a grey level here and there, enough to move Otsu's threshold.
+        grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[..., :3],
+                                                            cv2.COLOR_RGB2GRAY)
+        mask, confidence = otsu_foreground(grey)
+        return {"mask": look.store.put_mask(mask), "fraction": float(mask.mean()),
+                "confidence": confidence}
 
 
-def foreground_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
-    p: ForegroundParams = env.params
-    if p.backend == "classical" and p.policy.get(row["category"], p.default_policy) == TEXTURE:
-        # A surface fills the frame: the mask is the whole image, no need to decode it.
-        key, fraction, confidence = _whole_frame(env.store_root, row["height"], row["width"]), \
-            1.0, 1.0
-    else:
-        pixels = decode(env.read_source(row))
-        if p.backend == "isnet":
-            from curate.stages.foreground import isnet
+def otsu_facts(params: ForegroundParams) -> OtsuFacts:
+    return OtsuFacts(tuple(sorted(params.policy.items())), params.default_policy)
 
-            prob = isnet.foreground_probability(_isnet(p.weights, p.device), pixels,
-                                                size=p.size, device=p.device)
-            mask, confidence = prob > 0.5, isnet.confidence(prob)
-        else:
-            grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels[..., :3],
-                                                                cv2.COLOR_RGB2GRAY)
-            mask, confidence = otsu_foreground(grey)
-        key, fraction = env.store.put_mask(mask), float(mask.mean())
+
+def mask_update(path: str, p: ForegroundParams, key: str, fraction: float,
+                confidence: float) -> dict[str, Any]:
+    """A sample's foreground artifact and measures, flagged when the mask is uncertain."""
     update: dict[str, Any] = {
         "artifacts": {"foreground": key},
         "measures": {FOREGROUND_FRACTION: fraction, FOREGROUND_CONFIDENCE: confidence},
     }
     if confidence < p.min_confidence:
         update["flags"] = [("foreground_uncertain",
-                            f"{row['path']}: {p.backend} foreground confidence {confidence:.2f} "
+                            f"{path}: {p.backend} foreground confidence {confidence:.2f} "
                             f"(limit {p.min_confidence:g})")]
     return update
+
+
+def isnet_sample(row: dict[str, Any], env: SampleEnv) -> dict[str, Any]:
+    """The isnet backend's mask of one image (every category: the model needs no policy)."""
+    from curate.stages.foreground import isnet
+
+    p: ForegroundParams = env.params
+    pixels = decode(env.read_source(row))
+    prob = isnet.foreground_probability(_isnet(p.weights, p.device), pixels, size=p.size,
+                                        device=p.device)
+    mask = prob > 0.5
+    return mask_update(row["path"], p, env.store.put_mask(mask), float(mask.mean()),
+                       isnet.confidence(prob))
 
 
 class Foreground(Stage[ForegroundParams]):
@@ -151,12 +181,40 @@ class Foreground(Stage[ForegroundParams]):
     version = "1"
     Params = ForegroundParams
 
+    def facts(self, params: ForegroundParams) -> list[Extractor]:
+        # IS-Net needs its model, loaded where the stage runs: it decodes for itself.
+        return [otsu_facts(params)] if params.backend == "classical" else []
+
     def run(self, inputs: list[Manifest], params: ForegroundParams, ctx: Context) -> Manifest:
         (manifest,) = inputs
-        if params.backend == "isnet":  # before any work: in a worker it would drop every sample
+        if params.backend == "isnet":
+            # Before any work: in a worker it would drop every sample.
             require("curate.stages.foreground.isnet", "the isnet foreground backend")
-        updates = map_updates(self, manifest, params, ctx, foreground_sample)
-        return self.output_updates(manifest, updates, params, ctx)
+            updates = map_updates(self, manifest, params, ctx, isnet_sample)
+            return self.output_updates(manifest, updates, params, ctx)
+        positions, rows = kept_rows(manifest, (*LOOK_COLUMNS, "height", "width"))
+        otsu = otsu_facts(params)
+        looked = look(ctx, self.name, rows, manifest.roots, [otsu], desc="foreground")
+        objects = [k for k, row in enumerate(rows) if otsu.wants(row) and k not in looked.failed]
+        masks = dict(zip(objects, looked[otsu].take([rows[k]["sha256"] for k in objects])
+                         .to_pylist(), strict=True))
+        frames: dict[tuple[int, int], str] = {}  # one all-foreground mask per size
+        result = []
+        for k, row in enumerate(rows):
+            if k in looked.failed:
+                update = looked.failed[k]
+            elif k in masks:
+                fact = masks[k]
+                update = mask_update(row["path"], params, fact["mask"], fact["fraction"],
+                                     fact["confidence"])
+            else:
+                # A surface fills the frame: the mask is the whole image, no need to decode it.
+                size = (row["height"], row["width"])
+                if size not in frames:
+                    frames[size] = ctx.workspace.store.put_mask(np.ones(size, bool))
+                update = mask_update(row["path"], params, frames[size], 1.0, 1.0)
+            result.append((positions[k], update))
+        return self.output_updates(manifest, result, params, ctx)
 
     def recorded_params(self, params: ForegroundParams) -> dict[str, Any]:
         recorded = params_dict(params)
