@@ -133,12 +133,12 @@ def test_each_stored_mask_is_decoded_at_most_once(ctx, sources, tmp_path, monkey
     assert reads == Counter(keys)
 
 
-def test_a_build_decodes_no_mask(tmp_path, sources, monkeypatch):
+def test_a_build_decodes_no_mask_not_even_for_its_card(tmp_path, sources, monkeypatch):
     reads = count_reads(monkeypatch)
     recipe = load_recipe("hss-iad")
     with Context(Workspace.open(tmp_path / "ws"), jobs=1, progress=False) as ctx:
         result = build(recipe, ctx, sources["mtd"].parent)
-        export_all(result, recipe, ctx, tmp_path / "out", card=False)
+        export_all(result, recipe, ctx, tmp_path / "out", card=True)
         assert ctx.counts["decoded_masks"] == 0
     assert not reads
 

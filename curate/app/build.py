@@ -15,8 +15,9 @@ from typing import Any
 
 from curate.app.recipe import Recipe
 from curate.core.errors import CurateError, UsageError
-from curate.core.manifest import Manifest
+from curate.core.manifest import KEPT, Manifest
 from curate.engine.facts import StoredPng
+from curate.engine.mask_facts import MaskRegions, look_masks
 from curate.engine.runner import Context, StageResult, run_stage
 from curate.sources.discover import discover
 from curate.stages import stage_class
@@ -82,7 +83,9 @@ def build(recipe: Recipe, ctx: Context, sources_dir: Path | None,
     stages = [(stage_class(step.stage)(), step.params) for step in recipe.stages]
     ctx.prefetch = [ex for stage, params in stages for ex in stage.facts(params)]
     if recipe.exports:
-        ctx.prefetch.append(StoredPng())
+        # The export's PNGs from the same decode; the card's region shapes from the masks
+        # labels holds (curate.engine.mask_facts).
+        ctx.prefetch += [StoredPng(), MaskRegions()]
     try:
         for stage, params in stages:
             results.append(run_stage(stage, [results[-1].manifest], params, ctx))
@@ -150,5 +153,23 @@ def export_manifest(manifest: Manifest, ctx: Context, out: Path, formats: Collec
 
             (exports["card"],) = final([write_card(manifest, tmp, store,
                                                    report=report, recipe=recipe,
-                                                   missing=missing)])
+                                                   missing=missing,
+                                                   ratios=_region_ratios(manifest, ctx))])
     return exports
+
+
+def _region_ratios(manifest: Manifest, ctx: Context) -> dict[str, list[float]]:
+    """The card's region aspect ratios of every kept mask, from the masks' facts (recorded by
+    the build's labels; any missing computed on all cores, without writing: an export only
+    reads the workspace)."""
+    regions = MaskRegions()
+    keys = list(dict.fromkeys(key for key, status in zip(
+        (a.get("mask") for a in manifest.column_values("artifacts")),
+        manifest.column_values("status"), strict=True) if key is not None and status == KEPT))
+    persist, ctx.persist_facts = ctx.persist_facts, False
+    try:
+        looked = look_masks(ctx, "card", keys, [regions], desc="card: masks")
+    finally:
+        ctx.persist_facts = persist
+    found = [k for k in keys if k not in looked.failed]
+    return dict(zip(found, looked[regions].column(found, "aspect_ratios"), strict=True))

@@ -30,7 +30,7 @@ import pyarrow as pa
 from curate.core.errors import CurateError
 from curate.engine.facts import Extractor, FactStore, FactTable, Look
 from curate.engine.store import Store
-from curate.imaging.masks import count_components, pixels_at_train_size
+from curate.imaging.masks import count_components, pixels_at_train_size, region_aspect_ratios
 
 if TYPE_CHECKING:
     from curate.engine.runner import Context, SampleEnv
@@ -88,6 +88,19 @@ class MaskStats(MaskExtractor):
         mask = look.mask
         return {"pixels": int(np.count_nonzero(mask)), "height": int(mask.shape[0]),
                 "width": int(mask.shape[1]), "components": count_components(mask)}
+
+
+@dataclass(frozen=True)
+class MaskRegions(MaskExtractor):
+    """Long side / short side of the minimum-area rectangle around each 8-connected region
+    (:func:`curate.imaging.masks.region_aspect_ratios`): what the dataset card plots."""
+
+    name = "mask.regions"
+    version = "1"
+    fields = (("aspect_ratios", pa.list_(pa.float64())),)
+
+    def measure(self, look: MaskLook) -> dict[str, Any]:
+        return {"aspect_ratios": region_aspect_ratios(look.mask)}
 
 
 @dataclass(frozen=True)

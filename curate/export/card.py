@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import matplotlib.style
 import numpy as np
 from matplotlib.axes import Axes
@@ -39,6 +38,7 @@ from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.store import Store
 from curate.export.index import read_report
 from curate.export.mvtec import split_and_label
+from curate.imaging.masks import region_aspect_ratios
 from curate.sources import CATALOG
 
 CARD_NAME = "card.md"
@@ -55,41 +55,7 @@ NORMAL, ANOMALOUS = "normal", "anomalous"
 PAPER_ANOMALOUS_PIXEL_RATIO = 0.030
 PAPER_SOURCES = frozenset({"kolektorsdd", "kolektorsdd2", "mtd", "severstal", "casting"})
 
-# Corners of a unit pixel square, offsets from its top-left corner (x, y).
-_PIXEL_CORNERS = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.int32)
-
-
 # --------------------------------------------------------------------------- statistics
-def region_aspect_ratios(mask: np.ndarray) -> list[float]:
-    """Long side / short side of the minimum-area rectangle around each 8-connected region.
-
-    Pixels count as unit squares, so a region of w x h pixels gives max(w, h) / min(w, h)
-    (rectangles around pixel centres would give (w-1)/(h-1), and no rectangle at all for a
-    one-pixel-wide scratch). Regions are listed in the order OpenCV labels them (row-major
-    by their first pixel).
-
-    >>> mask = np.zeros((20, 30), bool)
-    >>> mask[2:6, 3:13] = True       # 10 x 4
-    >>> mask[10:19, 20:23] = True    # 3 x 9
-    >>> region_aspect_ratios(mask)
-    [2.5, 3.0]
-    """
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(
-        mask.astype(np.uint8), connectivity=8)
-    ratios = []
-    for region in range(1, count):
-        x, y, w, h = (int(v) for v in stats[region, :4])
-        inside = (labels[y:y + h, x:x + w] == region).astype(np.uint8)
-        # The hull of a region's pixel squares is the hull of its boundary pixels' corners:
-        # the boundary is enough, which keeps large regions cheap.
-        contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        boundary = np.concatenate([c.reshape(-1, 2) for c in contours])
-        corners = (boundary[:, None, :] + _PIXEL_CORNERS).reshape(-1, 2).astype(np.float32)
-        _, (side_a, side_b), _ = cv2.minAreaRect(corners)
-        ratios.append(max(side_a, side_b) / min(side_a, side_b))
-    return ratios
-
-
 @dataclass
 class CategoryStats:
     """What the card says about one category (kept samples only)."""
@@ -122,11 +88,14 @@ class DatasetStats:
     curation_examples: dict[tuple[str, str, str], str]
 
 
-def dataset_stats(manifest: Manifest, store: Store) -> DatasetStats:
+def dataset_stats(manifest: Manifest, store: Store,
+                  ratios: Mapping[str, list[float]] | None = None) -> DatasetStats:
     """Counts, defect areas and region aspect ratios per category, and curation notes.
 
-    Reads every kept defective sample's mask once. Categories whose samples were all dropped
-    are listed too (with zero counts).
+    ``ratios``: each mask's region aspect ratios by store key, where known (the facts a
+    build's ``labels`` recorded, :class:`curate.engine.mask_facts.MaskRegions`); a mask not in
+    it is read from ``store``. Categories whose samples were all dropped are listed too (with
+    zero counts).
     """
     categories: dict[str, CategoryStats] = {}
     curation: Counter[tuple[str, str, str]] = Counter()
@@ -139,11 +108,12 @@ def dataset_stats(manifest: Manifest, store: Store) -> DatasetStats:
             for n in notes:
                 examples.setdefault((outcome, n["stage"], n["code"]), n["detail"])
         if row["status"] == KEPT:
-            _add_kept_sample(stats, row, store)
+            _add_kept_sample(stats, row, store, ratios or {})
     return DatasetStats(dict(sorted(categories.items())), curation, examples)
 
 
-def _add_kept_sample(stats: CategoryStats, row: dict[str, Any], store: Store) -> None:
+def _add_kept_sample(stats: CategoryStats, row: dict[str, Any], store: Store,
+                     ratios: Mapping[str, list[float]]) -> None:
     split, label = split_and_label(row)
     if label == GOOD:
         stats.images[(split, NORMAL)] += 1
@@ -160,7 +130,10 @@ def _add_kept_sample(stats: CategoryStats, row: dict[str, Any], store: Store) ->
             stats.test_defect_pixels += fraction * pixels
             stats.test_pixels += pixels
     if "mask" in row["artifacts"]:
-        stats.aspect_ratios.extend(region_aspect_ratios(store.read_mask(row["artifacts"]["mask"])))
+        key = row["artifacts"]["mask"]
+        known = ratios.get(key)
+        stats.aspect_ratios.extend(known if known is not None else
+                                   region_aspect_ratios(store.read_mask(key)))
     else:
         stats.maskless += 1
 
@@ -472,12 +445,14 @@ def card_markdown(manifest: Manifest, report: dict[str, Any], stats: DatasetStat
 def write_card(manifest: Manifest, export_dir: str | os.PathLike, store: Store,
                out_dir: str | os.PathLike | None = None, *,
                report: dict[str, Any] | None = None, recipe: str | None = None,
-               missing: dict[str, str] | None = None) -> Path:
+               missing: dict[str, str] | None = None,
+               ratios: Mapping[str, list[float]] | None = None) -> Path:
     """Write ``card.md`` and its plots under ``card/`` into ``out_dir`` (default: the export).
     ``report`` is the export's report where the caller holds it (the build that has just
     written it; otherwise it is read from ``export_dir``), ``recipe`` names the recipe that
     built ``manifest``, ``missing`` its sources that were not found (kind -> why; a build's
-    ``BuildResult.missing``).
+    ``BuildResult.missing``), ``ratios`` the masks' region aspect ratios where known (see
+    :func:`dataset_stats`).
 
     Returns the path of ``card.md``. Raises CurateError if ``report`` is not given and
     ``export_dir`` holds no export report, or if a mask is missing from ``store``.
@@ -486,7 +461,7 @@ def write_card(manifest: Manifest, export_dir: str | os.PathLike, store: Store,
     if report is None:
         report = read_report(export_dir)
     out_dir = Path(out_dir) if out_dir is not None else export_dir
-    stats = dataset_stats(manifest, store)
+    stats = dataset_stats(manifest, store, ratios)
     # The default style: a user's matplotlibrc must not change the card's bytes.
     with matplotlib.style.context("default"):
         figures = _figures(stats)

@@ -277,3 +277,37 @@ def _one_channel(values: np.ndarray, unusual: list[str]) -> np.ndarray:
     if ((alpha == 0) & (grey > 0)).any():
         unusual.append("transparent pixels read as background")
     return np.where(alpha > 0, grey, 0).astype(values.dtype)
+
+
+# Corners of a unit pixel square, offsets from its top-left corner (x, y).
+_PIXEL_CORNERS = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], np.int32)
+
+
+def region_aspect_ratios(mask: np.ndarray) -> list[float]:
+    """Long side / short side of the minimum-area rectangle around each 8-connected region.
+
+    Pixels count as unit squares, so a region of w x h pixels gives max(w, h) / min(w, h)
+    (rectangles around pixel centres would give (w-1)/(h-1), and no rectangle at all for a
+    one-pixel-wide scratch). Regions are listed in the order OpenCV labels them (row-major
+    by their first pixel).
+
+    >>> mask = np.zeros((20, 30), bool)
+    >>> mask[2:6, 3:13] = True       # 10 x 4
+    >>> mask[10:19, 20:23] = True    # 3 x 9
+    >>> region_aspect_ratios(mask)
+    [2.5, 3.0]
+    """
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8)
+    ratios = []
+    for region in range(1, count):
+        x, y, w, h = (int(v) for v in stats[region, :4])
+        inside = (labels[y:y + h, x:x + w] == region).astype(np.uint8)
+        # The hull of a region's pixel squares is the hull of its boundary pixels' corners:
+        # the boundary is enough, which keeps large regions cheap.
+        contours, _ = cv2.findContours(inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        boundary = np.concatenate([c.reshape(-1, 2) for c in contours])
+        corners = (boundary[:, None, :] + _PIXEL_CORNERS).reshape(-1, 2).astype(np.float32)
+        _, (side_a, side_b), _ = cv2.minAreaRect(corners)
+        ratios.append(max(side_a, side_b) / min(side_a, side_b))
+    return ratios

@@ -163,6 +163,7 @@ def card(manifest: str | None, export_dir: Path, out: Path | None, recipe: str |
       curate card --export mtd-mvtec --workspace ws
     """
     from curate.app.recipe import load_recipe
+    from curate.engine.mask_facts import MaskRegions
     from curate.export.card import missing_sources, write_card
     from curate.export.index import read_report
 
@@ -171,8 +172,13 @@ def card(manifest: str | None, export_dir: Path, out: Path | None, recipe: str |
         manifest = read_report(export_dir)["manifest"]
     m = ws.load(manifest)
     r = load_recipe(recipe) if recipe else None
+    # The masks' region shapes a build recorded (the card reads the other masks itself).
+    regions = ws.facts.read(MaskRegions()).table
+    ratios = dict(zip(regions.column("key").to_pylist(),
+                      regions.column("aspect_ratios").to_pylist(), strict=True))
     path = write_card(m, export_dir, ws.store, out, recipe=r.name if r else None,
-                      missing=missing_sources([s.kind for s in r.sources], m) if r else None)
+                      missing=missing_sources([s.kind for s in r.sources], m) if r else None,
+                      ratios=ratios)
     if as_json:
         emit_json({"card": str(path), "manifest": m.id, "export": str(export_dir)})
     else:
