@@ -20,6 +20,7 @@ new are compared side by side. Targets (issues 5 and 19): wall <= 2x the decode,
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -42,7 +43,10 @@ KINDS = ["jpeg", "brightness", "contrast", "resize", "crop", "hflip", "blur"]
 
 
 def make_dataset(mtd: Path, out: Path, size: int) -> int:
-    """Originals first, then their copies kind by kind, until ``size`` images."""
+    """Originals first, then their copies kind by kind (10,752 images in all), then rounds of
+    re-encoded, slightly re-toned copies of those (round r: JPEG quality and a brightness
+    offset that depend on r) until ``size`` images: a large set of real pictures in which
+    every image has near duplicates, as in MTD's own exposure series."""
     images = sorted(p.relative_to(mtd).as_posix() for p in mtd.glob("MT_*/Imgs/*.jpg"))
     count = 0
     for rel in images[:size]:
@@ -54,6 +58,18 @@ def make_dataset(mtd: Path, out: Path, size: int) -> int:
                 return count
             write_planted_mtd(mtd, out, [rel], [kind])
             # write_planted_mtd copies the original again; it is already there, unchanged.
+            count += 1
+    first = sorted(p.relative_to(out).as_posix() for p in out.glob("MT_*/Imgs/*.jpg"))
+    for r in itertools.count(1):
+        quality, offset = 55 + (7 * r) % 40, (r % 7) - 3
+        for rel in first:
+            if count >= size:
+                return count
+            pixels = cv2.imread(str(out / rel), cv2.IMREAD_UNCHANGED).astype(np.int16)
+            pixels = np.clip(pixels + offset, 0, 255).astype(np.uint8)
+            target = out / f"{rel[:-4]}__r{r}.jpg"
+            cv2.imwrite(str(target), pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            shutil.copyfile(out / f"{rel[:-4]}.png", target.with_suffix(".png"))
             count += 1
     return count
 
@@ -94,9 +110,12 @@ def timed_build(root: Path, scratch: Path, jobs: int, checkout: Path | None = No
     env = dict(os.environ)
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
+    # `python -m` puts the working folder first on sys.path: run from the checkout's root.
+    cwd = checkout if checkout is not None else Path(__file__).resolve().parents[1]
     peaks = [0, 0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=cwd)
 
     def sample():
         while proc.poll() is None:
