@@ -69,11 +69,11 @@ from typing import Any
 from curate import __version__
 from curate.core.errors import CurateError
 from curate.core.files import atomic_write_bytes, atomic_write_text, sha256_bytes, walk_files
-from curate.core.manifest import GOOD, KEPT, Manifest
+from curate.core.manifest import GOOD, Manifest
 from curate.core.measures import LABELS_MASK_FRACTION
 from curate.engine.facts import StoredPng
 from curate.engine.mask_facts import MaskStats, look_masks
-from curate.engine.runner import Context, SampleEnv
+from curate.engine.runner import Context, SampleEnv, kept_rows
 from curate.export.staging import staged, write_failure
 from curate.imaging.io import decode, encode_png
 
@@ -148,10 +148,18 @@ def split_and_label(row: dict[str, Any]) -> tuple[str, str]:
     return ((row["split"] or "test") if label == GOOD else "test"), label
 
 
-def _has_masks(kept: list[dict[str, Any]]) -> bool:
-    """Whether masks were made for these rows: the labels stage measured them, or a stage
-    that writes its own (``sdas blend``) stored one."""
-    return any(LABELS_MASK_FRACTION in r["measures"] or "mask" in r["artifacts"] for r in kept)
+#: The row columns an export reads (whole rows would hold every measure and note in memory).
+JOB_COLUMNS = ("sample_id", "source", "path", "sha256", "category", "label", "split",
+               "artifacts")
+
+
+def _has_masks(manifest: Manifest, kept: list[dict[str, Any]], positions: list[int]) -> bool:
+    """Whether masks were made for these rows: a stage stored one (``labels``, ``sdas
+    blend``), or the labels stage measured them (and found every mask empty)."""
+    if any("mask" in r["artifacts"] for r in kept):
+        return True
+    measures = manifest.column_values("measures")
+    return any(LABELS_MASK_FRACTION in measures[i] for i in positions)
 
 
 def _unusable(defects: list[dict[str, Any]], ctx: Context) -> dict[str, str]:
@@ -187,8 +195,8 @@ def _plan(manifest: Manifest, images: str, ctx: Context
           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One job per exported sample (the row plus where its image, mask and foreground go),
     and the samples skipped for want of a usable mask (sample id, path, why)."""
-    kept = [r for r in manifest.rows() if r["status"] == KEPT]
-    if kept and not _has_masks(kept):
+    positions, kept = kept_rows(manifest, JOB_COLUMNS)
+    if kept and not _has_masks(manifest, kept, positions):
         raise CurateError(f"manifest {manifest.id} has no masks yet: run `curate labels` on it "
                           "before exporting")
     unusable = _unusable([r for r in kept if (r["label"] or GOOD) != GOOD], ctx)
